@@ -1,0 +1,112 @@
+"""Teacher activations, computed once per (pair, task) and reused by every stage, epoch and method.
+
+The cache keeps the teacher's post-norm final hidden state and its LM head instead of logits: logits are
+recovered exactly as ``final_hidden @ head.T`` at a fraction of the storage (d instead of V floats per token).
+Intermediate layers are stored only where a method asks for them (the paired source layers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from semalign.models import decoder_layers, final_norm, lm_head, load_model
+from semalign.training import atomic_torch_save, tokenize_records
+
+STORE_DTYPE = torch.float16  # halves disk and RAM; post-norm states and residuals fit fp16's range
+
+
+def layer_outputs(model: torch.nn.Module, layers: list[int]) -> tuple[dict[int, list], list, list]:
+    """Register hooks that record the residual stream after each 1-based layer (0 = embeddings) and the
+    post-norm final state; returns (per-layer store, final store, hook handles)."""
+    store: dict[int, list] = {k: [] for k in layers}
+    final: list = []
+    handles = []
+
+    def grab(k: int):
+        def hook(_module, _inputs, output):
+            store[k].append((output[0] if isinstance(output, tuple) else output).detach())
+
+        return hook
+
+    blocks = decoder_layers(model)
+    for k in layers:
+        if not 0 <= k <= len(blocks):
+            raise ValueError(f"teacher layer {k} out of range 0..{len(blocks)}")
+        module = model.get_input_embeddings() if k == 0 else blocks[k - 1]
+        handles.append(module.register_forward_hook(grab(k)))
+    handles.append(final_norm(model).register_forward_hook(lambda _m, _i, out: final.append(out.detach())))
+    return store, final, handles
+
+
+@dataclass
+class TeacherCache:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    final_hidden: torch.Tensor
+    head_weight: torch.Tensor
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def logits(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Exact teacher logits for rows ``idx`` (float32)."""
+        h = self.final_hidden[idx].to(device, torch.float32)
+        return h @ self.head_weight.to(device, torch.float32).T
+
+    def layer(self, k: int) -> torch.Tensor:
+        if k not in self.layers:
+            raise KeyError(f"teacher layer {k} not cached; cached: {sorted(self.layers)}")
+        return self.layers[k]
+
+    @classmethod
+    def load(cls, path: Path) -> "TeacherCache":
+        blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return cls(**blob)
+
+
+@torch.no_grad()
+def build_teacher_cache(
+    teacher_dir: Path,
+    records: list[dict],
+    layers: list[int],
+    max_len: int,
+    batch_size: int,
+    out_path: Path,
+    device: str | None = None,
+    train_on_inputs: bool = False,
+) -> dict:
+    """One teacher forward per example; writes the cache atomically and returns its metadata."""
+    model, tokenizer = load_model(teacher_dir, device=device)
+    data = tokenize_records(tokenizer, records, max_len, train_on_inputs=train_on_inputs)
+    layers = sorted(set(layers))
+    store, final, handles = layer_outputs(model, layers)
+    dev = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(records), batch_size), desc="teacher forward", unit="batch"):
+            sl = slice(i, i + batch_size)
+            model.model(input_ids=data["input_ids"][sl].to(dev), attention_mask=data["attention_mask"][sl].to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    meta = {
+        "teacher": str(teacher_dir),
+        "n_examples": len(records),
+        "forward_passes": len(records),
+        "max_len": max_len,
+        "layers": layers,
+    }
+    blob = {
+        **data,
+        "final_hidden": torch.cat(final).to("cpu", STORE_DTYPE),
+        "head_weight": lm_head(model).weight.detach().to("cpu", torch.float32).clone(),  # fp32: logits stay faithful
+        "layers": {k: torch.cat(v).to("cpu", STORE_DTYPE) for k, v in store.items()},
+        "meta": meta,
+    }
+    atomic_torch_save(blob, out_path)
+    return meta

@@ -1,0 +1,59 @@
+"""What the workflow's scripts call: each function is one rule's work, with plain arguments, testable alone."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semalign.registry import TransferContext, get_method
+from semalign.training import atomic_write_text
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` picks CUDA when present; asking for CUDA on a machine without it is an error, not a fallback."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} requested but no CUDA GPU is visible; set device: cpu or auto")
+    return device
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_transfer(method: str, ctx: TransferContext, out_json: Path) -> dict[str, Any]:
+    """Run one method and record what it cost; ``transfer.json`` is written last, so it marks completion."""
+    impl = get_method(method)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model_path = impl.run(ctx)
+    wall = time.perf_counter() - t0
+    stats_file = ctx.out_dir / "train_stats.json"
+    record = {
+        "method": method,
+        "task": ctx.task,
+        "seed": ctx.seed,
+        "model_path": str(model_path),
+        "wall_seconds": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+        "params": ctx.params,
+        **(json.loads(stats_file.read_text()) if stats_file.exists() else {"trainable_params": 0}),
+    }
+    atomic_write_text(out_json, json.dumps(record, indent=2))
+    return record
+
+
+def redirect_log(log_path: str) -> None:
+    """Scripts log to the rule's log file (tqdm and warnings go to stderr)."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr = sys.stdout = open(log_path, "w", buffering=1)

@@ -1,0 +1,85 @@
+"""One registry of transfer methods: the single extension point of the suite.
+
+A method is a class with a ``name``, a few capability flags and ``run(ctx) -> Path``. It is registered with
+``@register_method("name")`` in its own module; :data:`METHOD_MODULES` lists the modules to import so that the
+workflow, the tests and the CLI see the same set (the lm-eval registry pattern: declare, don't edit the core).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+# Modules that register methods when imported. Adding a method = one module + one line here.
+METHOD_MODULES: tuple[str, ...] = (
+    "semalign.methods.reference",
+    "semalign.methods.kd",
+)
+
+
+@dataclass
+class TransferContext:
+    """Everything a method may read or write for one (pair, task, seed) transfer."""
+
+    teacher: Path  # prepared teacher model dir (HF format, see semalign.models.prepare_model)
+    student: Path  # prepared student model dir
+    splits: Path  # dir with extract/align/train/test .jsonl for the task (semalign.data.make_splits)
+    task: str
+    out_dir: Path  # the method writes its model to out_dir / "model" and checkpoints under out_dir / "ckpt"
+    params: dict[str, Any] = field(default_factory=dict)  # the method's resolved config section
+    seed: int = 0
+    device: str = "cpu"
+    teacher_cache: Path | None = None  # cache_teacher output, for methods with uses_teacher_cache
+    extras: dict[str, Path] = field(default_factory=dict)  # further rule inputs (e.g. "pairing": path)
+
+
+class Method:
+    """Interface every transfer method implements.
+
+    ``run`` returns the directory of the model to evaluate: a fresh ``ctx.out_dir / "model"`` for methods that
+    train, or an existing prepared model dir for reference rows (``none``, ``teacher``).
+    """
+
+    name: ClassVar[str] = ""
+    uses_teacher_cache: ClassVar[bool] = False  # the DAG adds cache_teacher as input
+    seeded: ClassVar[bool] = True  # False: the result does not depend on the seed, run once
+
+    def run(self, ctx: TransferContext) -> Path:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make ``cls`` available as ``name`` in configs and rules."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if not issubclass(cls, Method):
+            raise TypeError(f"{cls.__name__} must subclass semalign.registry.Method")
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+
+
+def available_methods() -> list[str]:
+    _load_all()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """Instantiate the method registered as ``name``; unknown names list the known ones."""
+    _load_all()
+    if name not in _METHODS:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]()

@@ -1,0 +1,121 @@
+"""Tables and figures from the evaluation records. Every number here is read from a run's JSON output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+TASK_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval", "mbpp": "MBPP"}
+ROW_LABELS = {"teacher": "teacher", "none": "student (no transfer)"}
+
+
+def load_records(paths: list[str | Path]) -> pd.DataFrame:
+    """One row per evaluation JSON: pair, task, method, seed, metric, score, nll, n."""
+    rows = [json.loads(Path(p).read_text()) for p in paths]
+    if not rows:
+        raise ValueError("aggregate: no evaluation records")
+    return pd.DataFrame(rows)
+
+
+def mean_ci(values: pd.Series) -> tuple[float, float]:
+    """Mean and the half-width of a 95% t-interval (0 for a single seed: there is no spread to report)."""
+    v = values.dropna().astype(float)
+    if len(v) < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / len(v) ** 0.5)
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Long table: pair, method, task, metric, score mean/ci, nll mean/ci, n seeds, n items."""
+    out = []
+    for (pair, method, task), g in df.groupby(["pair", "method", "task"], sort=False):
+        s, s_ci = mean_ci(g["score"])
+        nll, nll_ci = mean_ci(g["nll"])
+        out.append(
+            {"pair": pair, "method": method, "task": task, "metric": g["metric"].iloc[0], "score": s,
+             "score_ci95": s_ci, "nll": nll, "nll_ci95": nll_ci, "seeds": len(g), "n_items": int(g["n"].iloc[0])}
+        )
+    return pd.DataFrame(out)
+
+
+def _cell(mean: float, ci: float, digits: int) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci > 0 else "")
+
+
+def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str]) -> pd.DataFrame:
+    """Wide Table 1: rows = methods (teacher and untouched student included), columns = task x {metric, NLL}.
+
+    ``gap_to_teacher`` follows the paper: the method's mean score over tasks minus the teacher's.
+    """
+    rows = []
+    for pair, ps in summary.groupby("pair", sort=False):
+        teacher = ps[ps.method == "teacher"].set_index("task")["score"]
+        for method in methods:
+            ms = ps[ps.method == method].set_index("task")
+            if ms.empty:
+                continue
+            row = {"pair": pair, "method": ROW_LABELS.get(method, method)}
+            for task in tasks:
+                if task not in ms.index:
+                    continue
+                r = ms.loc[task]
+                label = TASK_LABELS.get(task, task)
+                row[f"{label} {r['metric']}"] = _cell(100 * r["score"], 100 * r["score_ci95"], 1)
+                row[f"{label} NLL"] = _cell(r["nll"], r["nll_ci95"], 3)
+            common = [t for t in tasks if t in ms.index and t in teacher.index]
+            if common:
+                row["gap to teacher"] = f"{100 * (ms.loc[common, 'score'].mean() - teacher[common].mean()):+.1f}"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_table(df: pd.DataFrame, stem: Path, title: str) -> None:
+    """csv for machines, md for the README/report, tex for the paper."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(stem.with_suffix(".csv"), index=False)
+    stem.with_suffix(".md").write_text(f"### {title}\n\n" + df.to_markdown(index=False) + "\n")
+    stem.with_suffix(".tex").write_text(df.to_latex(index=False, escape=True, caption=title))
+
+
+def model_table(manifests: dict[str, str | Path]) -> pd.DataFrame:
+    """The paper's Table 3 (model shapes), generated from the prepare_model/bootstrap manifests."""
+    rows = []
+    for name, path in manifests.items():
+        m = json.loads(Path(path).read_text())
+        boot = m.get("bootstrap") or {}
+        rows.append(
+            {"model": name, "source": m.get("source") or "random init", "layers": m.get("num_layers"),
+             "hidden": m.get("hidden_size"), "heads": m.get("num_heads"), "vocab": m.get("vocab_size"),
+             "params (M)": round(m.get("n_params", 0) / 1e6, 1),
+             "bootstrap steps": boot.get("steps_done", ""), "bootstrap tokens": boot.get("tokens_seen", "")}
+        )
+    return pd.DataFrame(rows)
+
+
+def main_figure(summary: pd.DataFrame, methods: list[str], tasks: list[str], stem: Path) -> None:
+    """Grouped bars per task: paper metric (left) and gold-answer NLL (right), 95% CIs as error bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(1, len(methods))
+    for ax, (col, ci, label) in zip(axes, [("score", "score_ci95", "score (acc / pass@1, %)"),
+                                           ("nll", "nll_ci95", "gold-answer NLL (nats, lower is better)")]):
+        for i, method in enumerate(methods):
+            ms = summary[summary.method == method].set_index("task").reindex(tasks)
+            scale = 100 if col == "score" else 1
+            xs = [j + i * width for j in range(len(tasks))]
+            ax.bar(xs, ms[col] * scale, width, yerr=ms[ci] * scale, label=ROW_LABELS.get(method, method), capsize=2)
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))])
+        ax.set_xticklabels([TASK_LABELS.get(t, t) for t in tasks])
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Main results ({', '.join(summary.pair.unique())})")
+    fig.tight_layout()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(stem.with_suffix(f".{ext}"), dpi=150)
+    plt.close(fig)

@@ -1,0 +1,26 @@
+import pytest
+
+from semalign.registry import Method, available_methods, get_method, register_method
+
+
+def test_builtin_methods_registered():
+    names = available_methods()
+    assert {"none", "teacher", "kd"} <= set(names)
+    assert get_method("kd").uses_teacher_cache
+    assert not get_method("none").seeded and not get_method("teacher").seeded
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(KeyError, match="available: .*kd"):
+        get_method("no-such-method")
+
+
+def test_duplicate_and_bad_registration():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_method("kd")
+        class Other(Method):
+            pass
+
+    with pytest.raises(TypeError):
+        register_method("x")(object)

@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from semalign.training import batches, config_from_params, output_kl, shift_mask, tokenize_records, trim
+
+
+def test_kl_zero_for_identical_and_matches_hand_value():
+    z = torch.randn(2, 3, 5)
+    mask = torch.ones(2, 3)
+    assert output_kl(z, z, mask).item() == pytest.approx(0.0, abs=1e-6)
+    # two-way distribution: teacher (0.5, 0.5), student (0.25, 0.75): KL = 0.5 ln 2 + 0.5 ln(2/3)
+    t = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    s = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    expect = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert output_kl(s, t, torch.ones(1, 1)).item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_kl_respects_mask():
+    s, t = torch.randn(1, 4, 7), torch.randn(1, 4, 7)
+    mask = torch.tensor([[0, 1, 0, 0]])
+    assert output_kl(s, t, mask).item() == pytest.approx(output_kl(s[:, 1:2], t[:, 1:2], torch.ones(1, 1)).item(), rel=1e-5)
+
+
+def test_tokenize_masks_only_the_answer(tokenizer_dir, chat_records):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = tokenize_records(tok, chat_records, max_len=64)
+    assert data["input_ids"].shape == data["loss_mask"].shape
+    for i, rec in enumerate(chat_records):
+        ids = data["input_ids"][i][data["loss_mask"][i].bool()]
+        answer = rec["messages"][-1]["content"]
+        assert answer.strip().split()[0] in tok.decode(ids), (answer, tok.decode(ids))
+        assert "user" not in tok.decode(ids)
+    full = tokenize_records(tok, chat_records, max_len=64, train_on_inputs=True)
+    assert (full["loss_mask"].sum(1) > data["loss_mask"].sum(1)).all()
+
+
+def test_tokenize_rejects_bad_records(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with pytest.raises(ValueError, match="empty split"):
+        tokenize_records(tok, [], 16)
+    with pytest.raises(ValueError, match="no final assistant"):
+        tokenize_records(tok, [{"id": "x", "messages": [{"role": "user", "content": "hi"}]}], 16)
+
+
+def test_batches_deterministic_and_cover():
+    a, b = batches(10, 3, seed=0, epoch=1), batches(10, 3, seed=0, epoch=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sorted(torch.cat(a).tolist()) == list(range(10))
+    assert not all(torch.equal(x, y) for x, y in zip(a, batches(10, 3, seed=0, epoch=2)))
+
+
+def test_shift_and_trim():
+    m = torch.tensor([[0, 0, 1, 1, 0]])
+    assert shift_mask(m).tolist() == [[0, 1, 1, 0, 0]]
+    b = {"attention_mask": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]), "input_ids": torch.zeros(2, 4)}
+    assert trim(b)["input_ids"].shape == (2, 2)
+
+
+def test_config_from_params_rejects_unknown():
+    from semalign.methods.kd import KDConfig
+
+    assert config_from_params(KDConfig, {"lr": 0.1}).lr == 0.1
+    with pytest.raises(ValueError, match="unknown parameter.*'lrr'"):
+        config_from_params(KDConfig, {"lrr": 0.1})
+    with pytest.raises(ValueError, match="trainable"):
+        config_from_params(KDConfig, {"trainable": "some"})

@@ -1,0 +1,25 @@
+# lm-eval on our task YAMLs: the paper metric plus the gold-answer NLL, for every transferred model.
+
+
+rule evaluate:
+    input:
+        transfer=f"{R}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}/transfer.json",
+        splits=f"{R}/splits/{{task}}/manifest.json",
+    output:
+        f"{R}/eval/{{pair}}/{{task}}/{{method}}/seed{{seed}}.json",
+    params:
+        evaluation=config["evaluation"],
+        device=config["device"],
+    log:
+        f"{LOGS}/evaluate/{{pair}}/{{task}}/{{method}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{pair}}/{{task}}/{{method}}/seed{{seed}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=config["gpus_per_job"],
+    conda:
+        "../envs/semalign.yaml"
+    message:
+        "Evaluating {wildcards.method} on {wildcards.task} ({wildcards.pair}, seed {wildcards.seed})"
+    script:
+        "../scripts/evaluate.py"

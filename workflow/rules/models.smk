@@ -1,0 +1,43 @@
+# Models: resolve/convert once into a plain safetensors dir with a manifest; bootstrap the mini student.
+
+
+rule prepare_model:
+    output:
+        f"{R}/models/{{model}}/prepared/manifest.json",
+    params:
+        spec=lambda wc: {k: v for k, v in config["models"][wc.model].items() if k != "bootstrap"},
+        seed=SEEDS[0],
+    log:
+        f"{LOGS}/prepare_model/{{model}}.log",
+    benchmark:
+        f"{BENCH}/prepare_model/{{model}}.tsv"
+    resources:
+        mem_mb=32000,
+    conda:
+        "../envs/semalign.yaml"
+    message:
+        "Preparing model {wildcards.model}"
+    script:
+        "../scripts/prepare_model.py"
+
+
+rule bootstrap_student:
+    input:
+        f"{R}/models/{{model}}/prepared/manifest.json",
+    output:
+        f"{R}/models/{{model}}/bootstrapped/manifest.json",
+    params:
+        bootstrap=lambda wc: config["models"][wc.model]["bootstrap"],
+        seed=SEEDS[0],
+        device=config["device"],
+    log:
+        f"{LOGS}/bootstrap_student/{{model}}.log",
+    benchmark:
+        f"{BENCH}/bootstrap_student/{{model}}.tsv"
+    threads: workflow.cores
+    conda:
+        "../envs/semalign.yaml"
+    message:
+        "Bootstrapping student {wildcards.model} (bounded offline pretraining)"
+    script:
+        "../scripts/bootstrap_student.py"

@@ -1,0 +1,52 @@
+# Teacher activations once per (pair, task); then one generic transfer rule over the methods registry.
+
+
+rule cache_teacher:
+    input:
+        teacher=pair_model("teacher"),
+        student=pair_model("student"),
+        splits=f"{R}/splits/{{task}}/manifest.json",
+    output:
+        f"{R}/cache/{{pair}}/{{task}}/teacher.pt",
+    params:
+        max_len=config["data"]["max_len"],
+        batch_size=config["cache"]["batch_size"],
+        device=config["device"],
+        layers=[],
+        train_on_inputs=lambda wc: wc.task in config["data"]["train_on_inputs"],
+    log:
+        f"{LOGS}/cache_teacher/{{pair}}/{{task}}.log",
+    benchmark:
+        f"{BENCH}/cache_teacher/{{pair}}/{{task}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=config["gpus_per_job"],
+    conda:
+        "../envs/semalign.yaml"
+    message:
+        "Caching teacher activations: {wildcards.pair} / {wildcards.task}"
+    script:
+        "../scripts/cache_teacher.py"
+
+
+rule transfer:
+    input:
+        unpack(transfer_inputs),
+    output:
+        f"{R}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}/transfer.json",
+    params:
+        method_params=lambda wc: config["method_params"].get(wc.method, {}),
+        device=config["device"],
+    log:
+        f"{LOGS}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=config["gpus_per_job"],
+    conda:
+        "../envs/semalign.yaml"
+    message:
+        "Transfer {wildcards.method}: {wildcards.pair} / {wildcards.task} / seed {wildcards.seed}"
+    script:
+        "../scripts/transfer.py"

@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from semalign.cache import build_teacher_cache
+from semalign.data import read_jsonl
+from semalign.models import check_same_vocab
+from semalign.pipeline import redirect_log, resolve_device
+
+redirect_log(snakemake.log[0])
+teacher, student = (Path(p).parent for p in (snakemake.input.teacher, snakemake.input.student))
+check_same_vocab(teacher, student)  # before any expensive work
+meta = build_teacher_cache(
+    teacher,
+    read_jsonl(Path(snakemake.input.splits).parent / "train.jsonl"),
+    layers=list(snakemake.params.layers),
+    max_len=snakemake.params.max_len,
+    batch_size=snakemake.params.batch_size,
+    out_path=Path(snakemake.output[0]),
+    device=resolve_device(snakemake.params.device),
+    train_on_inputs=snakemake.params.train_on_inputs,
+)
+print(meta)

@@ -1,0 +1,23 @@
+import json
+from pathlib import Path
+
+from semalign.evaluation import evaluate_model
+from semalign.pipeline import redirect_log, resolve_device
+from semalign.training import atomic_write_text
+
+redirect_log(snakemake.log[0])
+wc, ev = snakemake.wildcards, snakemake.params.evaluation
+transfer = json.loads(Path(snakemake.input.transfer).read_text())
+result = evaluate_model(
+    Path(transfer["model_path"]),
+    wc.task,
+    Path(snakemake.input.splits).parent / "test.jsonl",
+    allow_code_execution=ev["allow_code_execution"],
+    batch_size=ev["batch_size"],
+    max_gen_toks=ev["max_gen_toks"],
+    chat_template=ev["chat_template"],
+    device=resolve_device(snakemake.params.device),
+)
+record = {"pair": wc.pair, "method": wc.method, "seed": int(wc.seed), **result}
+atomic_write_text(Path(snakemake.output[0]), json.dumps(record, indent=2))
+print(record)

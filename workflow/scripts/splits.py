@@ -1,0 +1,10 @@
+from pathlib import Path
+
+from semalign.data import make_splits
+from semalign.pipeline import redirect_log
+
+redirect_log(snakemake.log[0])
+sizes = dict(snakemake.params.sizes)
+test_size = sizes.pop("test")
+manifest = make_splits(snakemake.wildcards.task, sizes, test_size, snakemake.params.seed, Path(snakemake.output.manifest).parent)
+print(manifest)

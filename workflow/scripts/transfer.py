@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from semalign.pipeline import redirect_log, resolve_device, run_transfer
+from semalign.registry import TransferContext
+
+redirect_log(snakemake.log[0])
+inp, wc = snakemake.input, snakemake.wildcards
+out = Path(snakemake.output[0])
+ctx = TransferContext(
+    teacher=Path(inp.teacher).parent,
+    student=Path(inp.student).parent,
+    splits=Path(inp.splits).parent,
+    task=wc.task,
+    out_dir=out.parent,
+    params=dict(snakemake.params.method_params),
+    seed=int(wc.seed),
+    device=resolve_device(snakemake.params.device),
+    teacher_cache=Path(inp.cache) if "cache" in inp.keys() else None,
+    extras={k: Path(v) for k, v in inp.items() if k not in ("teacher", "student", "splits", "cache")},
+)
+print(run_transfer(wc.method, ctx, out))
