@@ -53,7 +53,17 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path) -> dict[str,
     return record
 
 
-def redirect_log(log_path: str) -> None:
-    """Scripts log to the rule's log file (tqdm and warnings go to stderr)."""
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+def start_job(smk: Any) -> None:
+    """First line of every rule script: log to the rule's log file (tqdm and warnings go to stderr) and use
+    exactly the threads the scheduler granted, so parallel jobs do not oversubscribe the cores."""
+    log_path = Path(smk.log[0])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr = sys.stdout = open(log_path, "w", buffering=1)
+    torch.set_num_threads(max(1, int(smk.threads)))
+
+
+def evaluated_model_dir(path: Path) -> Path:
+    """A transfer record points at the model it produced; a model manifest (reference rows) sits in its dir."""
+    if path.name == "transfer.json":
+        return Path(json.loads(path.read_text())["model_path"])
+    return path.parent

@@ -1,12 +1,14 @@
 """One registry of transfer methods: the single extension point of the suite.
 
 A method is a class with a ``name``, a few capability flags and ``run(ctx) -> Path``. It is registered with
-``@register_method("name")`` in its own module; :data:`METHOD_MODULES` lists the modules to import so that the
-workflow, the tests and the CLI see the same set (the lm-eval registry pattern: declare, don't edit the core).
+``@register_method("name")`` in its own module; :data:`METHOD_MODULES` lists the built-in modules and the
+``plugins:`` config key (env ``SEMALIGN_PLUGINS``) adds outside ones, so the workflow, the tests and the scripts
+see the same set (the lm-eval registry pattern: declare, don't edit the core).
 """
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -43,7 +45,8 @@ class Method:
 
     name: ClassVar[str] = ""
     uses_teacher_cache: ClassVar[bool] = False  # the DAG adds cache_teacher as input
-    seeded: ClassVar[bool] = True  # False: the result does not depend on the seed, run once
+    # "teacher" | "student" for reference rows: the DAG evaluates that model directly, once, with no transfer job
+    reference: ClassVar[str | None] = None
 
     def run(self, ctx: TransferContext) -> Path:  # pragma: no cover - interface
         raise NotImplementedError
@@ -67,9 +70,16 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return wrap
 
 
+PLUGINS_ENV = "SEMALIGN_PLUGINS"  # comma-separated extra modules; the workflow sets it from config `plugins:`
+
+
 def _load_all() -> None:
-    for module in METHOD_MODULES:
-        importlib.import_module(module)
+    plugins = [m for m in os.environ.get(PLUGINS_ENV, "").split(",") if m]
+    for module in (*METHOD_MODULES, *plugins):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"cannot import method module {module!r} ({e}); is it on PYTHONPATH?") from e
 
 
 def available_methods() -> list[str]:

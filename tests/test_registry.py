@@ -7,7 +7,8 @@ def test_builtin_methods_registered():
     names = available_methods()
     assert {"none", "teacher", "kd"} <= set(names)
     assert get_method("kd").uses_teacher_cache
-    assert not get_method("none").seeded and not get_method("teacher").seeded
+    assert get_method("none").reference == "student" and get_method("teacher").reference == "teacher"
+    assert get_method("kd").reference is None
 
 
 def test_unknown_method_lists_known():

@@ -10,7 +10,7 @@ from semalign.registry import Method, TransferContext, register_method
 class NoTransfer(Method):
     """The student as is: the floor every transfer method must beat."""
 
-    seeded = False
+    reference = "student"
 
     def run(self, ctx: TransferContext) -> Path:
         return ctx.student
@@ -20,7 +20,7 @@ class NoTransfer(Method):
 class TeacherReference(Method):
     """The source model: the ceiling, and the denominator of the paper's gap-to-teacher."""
 
-    seeded = False
+    reference = "teacher"
 
     def run(self, ctx: TransferContext) -> Path:
         return ctx.teacher

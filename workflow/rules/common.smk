@@ -13,6 +13,8 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 # Rule scripts import the semalign package: make the checkout importable also inside per-rule conda envs.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
+# Methods living outside the package (config `plugins:`) are imported by every job through this variable.
+os.environ["SEMALIGN_PLUGINS"] = ",".join(config["plugins"])
 
 R = f"results/{config['profile']}"
 LOGS = f"logs/{config['profile']}"
@@ -20,6 +22,7 @@ BENCH = f"{R}/benchmarks"
 SEEDS = config["seeds"]
 TASKS = config["tasks"]
 METHODS = config["methods"]
+THREADS = min(config["threads"], workflow.cores)
 
 
 def check_config() -> None:
@@ -42,14 +45,14 @@ def check_config() -> None:
 check_config()
 
 
-def model_dir(name: str) -> str:
-    """Where the usable model lives: bootstrapped if the spec asks for it, else as prepared."""
+def model_manifest(name: str) -> str:
+    """Manifest of the usable model (its dir is the parent): bootstrapped if the spec asks for it, else as prepared."""
     stage = "bootstrapped" if "bootstrap" in config["models"][name] else "prepared"
-    return f"{R}/models/{name}/{stage}"
+    return f"{R}/models/{name}/{stage}/manifest.json"
 
 
 def pair_model(role: str):
-    return lambda wc: model_dir(config["pairs"][wc.pair][role]) + "/manifest.json"
+    return lambda wc: model_manifest(config["pairs"][wc.pair][role])
 
 
 def method_cls(name: str):
@@ -59,8 +62,16 @@ def method_cls(name: str):
 
 
 def seeds_for(method: str) -> list[int]:
-    """Reference rows do not depend on the seed: run them once."""
-    return SEEDS if method_cls(method).seeded else [SEEDS[0]]
+    """Reference rows do not depend on the seed: evaluate them once."""
+    return [SEEDS[0]] if method_cls(method).reference else SEEDS
+
+
+def evaluated_model(wc) -> str:
+    """What `evaluate` reads: a reference row's model manifest directly, else the transfer record."""
+    role = method_cls(wc.method).reference
+    if role:
+        return pair_model(role)(wc)
+    return f"{R}/transfer/{wc.pair}/{wc.task}/{wc.method}/seed{wc.seed}/transfer.json"
 
 
 def transfer_inputs(wc) -> dict:
@@ -86,7 +97,7 @@ def eval_records() -> list[str]:
 
 def manifests() -> dict[str, str]:
     names = {n for p in config["pairs"].values() for n in (p["teacher"], p["student"])}
-    return {n: model_dir(n) + "/manifest.json" for n in sorted(names)}
+    return {n: model_manifest(n) for n in sorted(names)}
 
 
 def final_outputs() -> list[str]:

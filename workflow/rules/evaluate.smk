@@ -3,7 +3,7 @@
 
 rule evaluate:
     input:
-        transfer=f"{R}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}/transfer.json",
+        model=evaluated_model,
         splits=f"{R}/splits/{{task}}/manifest.json",
     output:
         f"{R}/eval/{{pair}}/{{task}}/{{method}}/seed{{seed}}.json",
@@ -14,7 +14,7 @@ rule evaluate:
         f"{LOGS}/evaluate/{{pair}}/{{task}}/{{method}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/evaluate/{{pair}}/{{task}}/{{method}}/seed{{seed}}.tsv"
-    threads: workflow.cores
+    threads: THREADS
     resources:
         gpu=config["gpus_per_job"],
     conda:

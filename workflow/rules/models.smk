@@ -34,7 +34,7 @@ rule bootstrap_student:
         f"{LOGS}/bootstrap_student/{{model}}.log",
     benchmark:
         f"{BENCH}/bootstrap_student/{{model}}.tsv"
-    threads: workflow.cores
+    threads: THREADS
     conda:
         "../envs/semalign.yaml"
     message:

@@ -18,7 +18,7 @@ rule cache_teacher:
         f"{LOGS}/cache_teacher/{{pair}}/{{task}}.log",
     benchmark:
         f"{BENCH}/cache_teacher/{{pair}}/{{task}}.tsv"
-    threads: workflow.cores
+    threads: THREADS
     resources:
         gpu=config["gpus_per_job"],
     conda:
@@ -41,7 +41,7 @@ rule transfer:
         f"{LOGS}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}.tsv"
-    threads: workflow.cores
+    threads: THREADS
     resources:
         gpu=config["gpus_per_job"],
     conda:

@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from semalign.pipeline import redirect_log
+from semalign.pipeline import start_job
 from semalign.report import load_records, main_table, model_table, summarise, write_table
 
-redirect_log(snakemake.log[0])
+start_job(snakemake)
 p = snakemake.params
 summary = summarise(load_records(snakemake.input.records))
 summary.to_csv(snakemake.output.summary, index=False)

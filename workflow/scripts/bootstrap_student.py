@@ -1,9 +1,9 @@
 from pathlib import Path
 
 from semalign.bootstrap import bootstrap_student
-from semalign.pipeline import redirect_log, resolve_device
+from semalign.pipeline import resolve_device, start_job
 
-redirect_log(snakemake.log[0])
+start_job(snakemake)
 summary = bootstrap_student(
     Path(snakemake.input[0]).parent,
     Path(snakemake.output[0]).parent,

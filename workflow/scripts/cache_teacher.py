@@ -3,9 +3,9 @@ from pathlib import Path
 from semalign.cache import build_teacher_cache
 from semalign.data import read_jsonl
 from semalign.models import check_same_vocab
-from semalign.pipeline import redirect_log, resolve_device
+from semalign.pipeline import resolve_device, start_job
 
-redirect_log(snakemake.log[0])
+start_job(snakemake)
 teacher, student = (Path(p).parent for p in (snakemake.input.teacher, snakemake.input.student))
 check_same_vocab(teacher, student)  # before any expensive work
 meta = build_teacher_cache(

@@ -2,14 +2,13 @@ import json
 from pathlib import Path
 
 from semalign.evaluation import evaluate_model
-from semalign.pipeline import redirect_log, resolve_device
+from semalign.pipeline import evaluated_model_dir, resolve_device, start_job
 from semalign.training import atomic_write_text
 
-redirect_log(snakemake.log[0])
+start_job(snakemake)
 wc, ev = snakemake.wildcards, snakemake.params.evaluation
-transfer = json.loads(Path(snakemake.input.transfer).read_text())
 result = evaluate_model(
-    Path(transfer["model_path"]),
+    evaluated_model_dir(Path(snakemake.input.model)),
     wc.task,
     Path(snakemake.input.splits).parent / "test.jsonl",
     allow_code_execution=ev["allow_code_execution"],

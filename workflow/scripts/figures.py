@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from semalign.pipeline import redirect_log
+from semalign.pipeline import start_job
 from semalign.report import main_figure
 
-redirect_log(snakemake.log[0])
+start_job(snakemake)
 summary = pd.read_csv(snakemake.input.summary)
 main_figure(summary, snakemake.params.methods, snakemake.params.tasks, Path(snakemake.output.main).with_suffix(""))

@@ -1,8 +1,8 @@
 from pathlib import Path
 
 from semalign.models import prepare_model
-from semalign.pipeline import redirect_log
+from semalign.pipeline import start_job
 
-redirect_log(snakemake.log[0])
+start_job(snakemake)
 manifest = prepare_model(snakemake.params.spec, Path(snakemake.output[0]).parent, seed=snakemake.params.seed)
 print(manifest)

@@ -1,9 +1,9 @@
 from pathlib import Path
 
 from semalign.data import make_splits
-from semalign.pipeline import redirect_log
+from semalign.pipeline import start_job
 
-redirect_log(snakemake.log[0])
+start_job(snakemake)
 sizes = dict(snakemake.params.sizes)
 test_size = sizes.pop("test")
 manifest = make_splits(snakemake.wildcards.task, sizes, test_size, snakemake.params.seed, Path(snakemake.output.manifest).parent)

@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from semalign.pipeline import redirect_log, resolve_device, run_transfer
+from semalign.pipeline import resolve_device, run_transfer, start_job
 from semalign.registry import TransferContext
 
-redirect_log(snakemake.log[0])
+start_job(snakemake)
 inp, wc = snakemake.input, snakemake.wildcards
 out = Path(snakemake.output[0])
 ctx = TransferContext(

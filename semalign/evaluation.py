@@ -1,0 +1,79 @@
+"""The one evaluation entry: our task YAMLs (semalign/tasks) on a make_splits test.jsonl through lm_eval.simple_evaluate.
+
+Each call scores the task's main metric and its gold-answer NLL companion in a single simple_evaluate run, so the
+model is loaded once and both numbers come from the same prompts.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+CODE_TASKS = ("humaneval", "mbpp")
+METRICS = {"mmlu": "acc", "gsm8k": "acc", "humaneval": "pass@1", "mbpp": "pass@1"}
+
+
+def task_configs(task: str, test_file: Path, *, max_gen_toks: int, chat: bool) -> list[dict[str, Any]]:
+    """The main and NLL task configs, read with lm-eval's own YAML loader (so `!function` resolves), test file injected.
+
+    With the chat template on, the YAML's `metadata.chat` overrides (user turn / assistant prefix) are applied.
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval 0.4.13's loader; resolves includes and !function
+
+    if task not in METRICS:
+        raise ValueError(f"unknown task {task!r}; expected one of {tuple(METRICS)}")
+    test_file = Path(test_file)
+    if not test_file.is_file():
+        raise FileNotFoundError(f"{task}: test file {test_file} not found; run the splits rule first")
+    cfgs = []
+    for name in (f"semalign_{task}", f"semalign_{task}_nll"):
+        cfg = load_yaml(TASKS_DIR / f"{name}.yaml", resolve_func=True)
+        chat_overrides = cfg.setdefault("metadata", {}).pop("chat", {})
+        if chat:
+            cfg.update(chat_overrides)
+        cfg["dataset_kwargs"] = {"data_files": {"test": str(test_file.resolve())}}
+        if cfg.get("generation_kwargs"):
+            cfg["generation_kwargs"] = {**cfg["generation_kwargs"], "max_gen_toks": int(max_gen_toks)}
+        cfgs.append(cfg)
+    return cfgs
+
+
+def _has_chat_template(lm: Any) -> bool:
+    tok = getattr(lm, "tokenizer", None)
+    return bool(getattr(tok, "chat_template", None))
+
+
+def evaluate_model(model_dir: Path, task: str, test_file: Path, *, allow_code_execution: bool, batch_size: int = 8,
+                   max_gen_toks: int = 256, device: str | None = None, chat_template: bool | None = None,
+                   limit: int | None = None, model=None) -> dict:
+    """Score one model on one task; returns {"task", "metric", "score", "nll", "n", "model"}.
+
+    chat_template=None means: use the tokenizer's chat template when it has one (the paper evaluates chat models in
+    chat format). `model` is an lm-eval LM to use instead of loading `model_dir` (tests pass a scripted oracle).
+    """
+    if task in CODE_TASKS and not allow_code_execution:
+        raise PermissionError(f"{task} executes model-written code; set evaluation.allow_code_execution: true to consent")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if model is None:
+        from lm_eval.models.huggingface import HFLM
+
+        model = HFLM(pretrained=str(model_dir), device=device or "cpu", batch_size=batch_size)
+    chat = _has_chat_template(model) if chat_template is None else bool(chat_template)
+    cfgs = task_configs(task, test_file, max_gen_toks=max_gen_toks, chat=chat)
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # per-task INFO chatter drowns the rule logs
+    out = simple_evaluate(
+        model=model, tasks=cfgs, task_manager=TaskManager(include_defaults=False), batch_size=batch_size,
+        limit=limit, apply_chat_template=chat, confirm_run_unsafe_code=allow_code_execution,
+        log_samples=False, bootstrap_iters=0)
+    main, nll = (out["results"][c["task"]] for c in cfgs)
+    metric = METRICS[task]
+    result = {"task": task, "metric": metric, "score": float(main[f"{metric},none"]), "nll": float(nll["nll,none"]),
+              "n": int(out["n-samples"][cfgs[0]["task"]]["effective"]), "model": str(model_dir)}
+    if not math.isfinite(result["nll"]):
+        raise ValueError(f"{task}: non-finite gold NLL for {model_dir}")
+    return result

