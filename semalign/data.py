@@ -194,14 +194,22 @@ def mmlu_user(rec: dict) -> str:
     return MMLU_USER.format(subject=rec["subject"].replace("_", " "), question=rec["question"].strip(), options=options)
 
 
+def _gsm8k_train() -> tuple[list[dict], str]:
+    root = data_dir()
+    if root and (root / "gsm8k" / "train.jsonl").exists():
+        return read_jsonl(root / "gsm8k" / "train.jsonl"), str(root / "gsm8k" / "train.jsonl")
+    return _hub("gsm8k", "train", "gsm8k train set"), f"hub:{HUB['gsm8k'][0]}:train"
+
+
+def load_gsm8k_train() -> list[dict]:
+    """Raw GSM8K train rows {"question", "answer"}: transfer-pool fallback and the mini student's corpus."""
+    return _gsm8k_train()[0]
+
+
 def _train_chats(task: str) -> tuple[list[dict], str]:
     """Chat records built from the benchmark's own non-test data (used when the protocol files are absent)."""
     if task == "gsm8k":
-        root = data_dir()
-        if root and (root / "gsm8k" / "train.jsonl").exists():
-            rows, src = read_jsonl(root / "gsm8k" / "train.jsonl"), str(root / "gsm8k" / "train.jsonl")
-        else:
-            rows, src = _hub(task, "train", "gsm8k train set"), f"hub:{HUB[task][0]}:train"
+        rows, src = _gsm8k_train()
         return [_chat(f"gsm_{i}", GSM_USER.format(question=r["question"]), gsm8k_solution(r["answer"]))
                 for i, r in enumerate(rows)], src
     if task == "mmlu":  # dev (+ validation on the hub); no auxiliary_train: it has no subjects
