@@ -8,6 +8,7 @@ min_version("8.0")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/semalign.smk"
 include: "workflow/rules/transfer.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

@@ -7,6 +7,7 @@ see the same set (the lm-eval registry pattern: declare, don't edit the core).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Callable, ClassVar
 METHOD_MODULES: tuple[str, ...] = (
     "semalign.methods.reference",
     "semalign.methods.kd",
+    "semalign.methods.semalign",
 )
 
 
@@ -47,6 +49,21 @@ class Method:
     uses_teacher_cache: ClassVar[bool] = False  # the DAG adds cache_teacher as input
     # "teacher" | "student" for reference rows: the DAG evaluates that model directly, once, with no transfer job
     reference: ClassVar[str | None] = None
+    # dataclass of the method's hyperparameters (defaults in one visible place); validated at DAG start
+    config_cls: ClassVar[type | None] = None
+
+    @classmethod
+    def config(cls, params: dict[str, Any]) -> Any:
+        """The method's config from its ``method_params`` section; unknown keys are errors, not ignored."""
+        if cls.config_cls is None:
+            if params:
+                raise ValueError(f"method {cls.name!r} takes no parameters, got {sorted(params)}")
+            return None
+        known = {f.name for f in dataclasses.fields(cls.config_cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"method_params.{cls.name}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+        return cls.config_cls(**params)
 
     def run(self, ctx: TransferContext) -> Path:  # pragma: no cover - interface
         raise NotImplementedError

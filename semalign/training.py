@@ -171,13 +171,3 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}) at {where}; last good checkpoint kept")
 
-
-def config_from_params(cls: type, params: dict[str, Any]) -> Any:
-    """Build a method's config dataclass from its config section; unknown keys are errors, not ignored."""
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown parameter(s) {unknown}; known: {sorted(known)}")
-    return cls(**params)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from semalign.training import batches, config_from_params, output_kl, shift_mask, tokenize_records, trim
+from semalign.training import batches, output_kl, shift_mask, tokenize_records, trim
 
 
 def test_kl_zero_for_identical_and_matches_hand_value():
@@ -59,11 +59,14 @@ def test_shift_and_trim():
     assert trim(b)["input_ids"].shape == (2, 2)
 
 
-def test_config_from_params_rejects_unknown():
-    from semalign.methods.kd import KDConfig
+def test_method_config_rejects_unknown():
+    from semalign.registry import get_method
 
-    assert config_from_params(KDConfig, {"lr": 0.1}).lr == 0.1
+    kd = get_method("kd")
+    assert kd.config({"lr": 0.1}).lr == 0.1
     with pytest.raises(ValueError, match="unknown parameter.*'lrr'"):
-        config_from_params(KDConfig, {"lrr": 0.1})
+        kd.config({"lrr": 0.1})
     with pytest.raises(ValueError, match="trainable"):
-        config_from_params(KDConfig, {"trainable": "some"})
+        kd.config({"trainable": "some"})
+    with pytest.raises(ValueError, match="takes no parameters"):
+        get_method("none").config({"x": 1})

@@ -1,6 +1,7 @@
 """The workflow as a user runs it: config validation, offline dry-runs, and the whole smoke DAG."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def test_dry_run_every_profile_offline(tmp_path, name):
         (lambda c: c["data"]["sizes"]["mmlu"].update(trian=3), "trian"),
         (lambda c: c.update(methods=["teacher", "nonexistent"]), "nonexistent"),
         (lambda c: c["pairs"]["tiny"].update(student="ghost"), "ghost"),
+        (lambda c: c["method_params"]["kd"].update(epochz=2), "epochz"),
     ],
 )
 def test_bad_config_rejected_naming_the_key(tmp_path, mutate, culprit):
@@ -75,13 +77,13 @@ def test_smoke_dag_end_to_end(tmp_path):
     cfg["methods"] = cfg["methods"] + ["kd_sft"]
     work = tmp_path / "work"
     work.mkdir()
-    env = {"PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    env = {"PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}  # as the README runs it
     res = snakemake(work, cfg, "--cores", "2", env=env)
     assert res.returncode == 0, res.stderr[-5000:]
 
     tables = work / "results" / "smoke" / "tables"
     main = pd.read_csv(tables / "main.csv")
-    assert list(main["method"]) == ["teacher", "student (no transfer)", "kd", "kd_sft"]
+    assert list(main["method"]) == ["teacher", "student (no transfer)", "kd", "semalign", "kd_sft"]
     for col in ["MMLU acc", "GSM8K acc", "HumanEval pass@1", "MBPP pass@1"]:
         assert main[col].notna().all(), col
         assert main[col].astype(float).between(0, 100).all(), col
@@ -94,5 +96,14 @@ def test_smoke_dag_end_to_end(tmp_path):
     models = pd.read_csv(tables / "models.csv")
     assert set(models["layers"]) == {4, 2} and (models["vocab"] == 49152).all()
     assert (work / "results" / "smoke" / "figures" / "main.png").stat().st_size > 10_000
+    # SemAlign's analysis stages: Fig. 2 per model, attribution per task, a pairing that covers every student layer
+    fig2 = pd.read_csv(work / "results" / "smoke" / "bases" / "tiny-student" / "decomposition.csv")
+    assert set(fig2["basis"]) == {"output", "input", "random"} and fig2["cosine"].between(-1, 1).all()
+    attribution = pd.read_csv(work / "results" / "smoke" / "attribution" / "tiny" / "gsm8k" / "grad_x_act.csv")
+    assert sorted(attribution["layer"]) == [1, 2, 3, 4]
+    pairing = json.loads((work / "results" / "smoke" / "pairing" / "tiny" / "gsm8k" / "attributed-grad_x_act.json").read_text())
+    assert [p["student"] for p in pairing["pairs"]] == [1, 2]
+    stages = pd.read_csv(work / "results" / "smoke" / "transfer" / "tiny" / "gsm8k" / "semalign" / "seed0" / "loss_curve.csv")
+    assert set(stages["stage"]) == {1, 2} and stages["total"].notna().all()
     assert any((work / "logs" / "smoke" / "transfer").rglob("*.log"))
     assert any((work / "results" / "smoke" / "benchmarks" / "transfer").rglob("*.tsv"))

@@ -22,7 +22,6 @@ from semalign.training import (
     atomic_write_text,
     batches,
     check_finite,
-    config_from_params,
     next_token_ce,
     output_kl,
     save_model,
@@ -65,9 +64,10 @@ def prepare_trainable(model: torch.nn.Module, cfg: KDConfig) -> torch.nn.Module:
 @register_method("kd")
 class KnowledgeDistillation(Method):
     uses_teacher_cache = True
+    config_cls = KDConfig
 
     def run(self, ctx: TransferContext) -> Path:
-        cfg = config_from_params(KDConfig, ctx.params)
+        cfg = self.config(ctx.params)
         set_seed(ctx.seed)
         check_same_vocab(ctx.teacher, ctx.student)
         cache = TeacherCache.load(ctx.teacher_cache)

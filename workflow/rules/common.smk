@@ -22,6 +22,13 @@ BENCH = f"{R}/benchmarks"
 SEEDS = config["seeds"]
 TASKS = config["tasks"]
 METHODS = config["methods"]
+ATTRIBUTIONS = "grad_x_act|logit_lens|random"
+
+
+wildcard_constraints:
+    attribution=ATTRIBUTIONS,
+    pairing=rf"(attributed-({ATTRIBUTIONS})|depth_ratio|interpolated|last_only|random)",
+    seed=r"\d+",
 THREADS = min(config["threads"], workflow.cores)
 
 
@@ -33,6 +40,7 @@ def check_config() -> None:
     for m in METHODS + list(config["method_params"]):
         if m not in known:
             raise ValueError(f"config: unknown method {m!r} (methods/method_params); available: {', '.join(known)}")
+        method_config(m)  # hyperparameters checked now, not hours into the run
     for pair, p in config["pairs"].items():
         for role in ("teacher", "student"):
             if p[role] not in config["models"]:
@@ -41,8 +49,6 @@ def check_config() -> None:
         if task not in config["data"]["sizes"]:
             raise ValueError(f"config: data.sizes.{task} missing (tasks lists {task})")
 
-
-check_config()
 
 
 def model_manifest(name: str) -> str:
@@ -61,6 +67,10 @@ def method_cls(name: str):
     return type(get_method(name))
 
 
+def method_config(name: str):
+    return method_cls(name).config(config["method_params"].get(name, {}))
+
+
 def seeds_for(method: str) -> list[int]:
     """Reference rows do not depend on the seed: evaluate them once."""
     return [SEEDS[0]] if method_cls(method).reference else SEEDS
@@ -74,6 +84,29 @@ def evaluated_model(wc) -> str:
     return f"{R}/transfer/{wc.pair}/{wc.task}/{wc.method}/seed{wc.seed}/transfer.json"
 
 
+def pairing_file(method: str, pair: str, task: str) -> str | None:
+    """The layer pairing a method trains with (None for methods without one). Attributed pairings are named
+    after their attribution method, so ablations over either never collide."""
+    cfg = method_config(method)
+    strategy = getattr(cfg, "pairing", None)
+    if strategy is None:
+        return None
+    name = f"attributed-{cfg.attribution}" if strategy == "attributed" else strategy
+    return f"{R}/pairing/{pair}/{task}/{name}.json"
+
+
+def pairing_inputs(wc) -> dict:
+    inputs = {"teacher": pair_model("teacher")(wc), "student": pair_model("student")(wc)}
+    if wc.pairing.startswith("attributed-"):
+        inputs["scores"] = f"{R}/attribution/{wc.pair}/{wc.task}/{wc.pairing.removeprefix('attributed-')}.csv"
+    return inputs
+
+
+def cache_pairings(wc) -> list[str]:
+    """Pairings of every configured method on this pair/task: the cache holds the union of their teacher layers."""
+    return sorted({f for m in METHODS if (f := pairing_file(m, wc.pair, wc.task))})
+
+
 def transfer_inputs(wc) -> dict:
     inputs = {
         "teacher": pair_model("teacher")(wc),
@@ -82,6 +115,10 @@ def transfer_inputs(wc) -> dict:
     }
     if method_cls(wc.method).uses_teacher_cache:
         inputs["cache"] = f"{R}/cache/{wc.pair}/{wc.task}/teacher.pt"
+    if pairing := pairing_file(wc.method, wc.pair, wc.task):
+        inputs["pairing"] = pairing
+    if getattr(method_config(wc.method), "recompose", None) == "semantic":
+        inputs["aligned_map"] = f"{R}/bases/{wc.pair}/aligned_map.pt"
     return inputs
 
 
@@ -100,9 +137,25 @@ def manifests() -> dict[str, str]:
     return {n: model_manifest(n) for n in sorted(names)}
 
 
+def analysis_outputs() -> list[str]:
+    """Fig. 2 per model and the attribution profile per teacher x task, when SemAlign is configured."""
+    if not any(pairing_file(m, p, t) for m in METHODS for p in config["pairs"] for t in TASKS):
+        return []
+    return [f"{R}/bases/{m}/decomposition.png" for m in manifests()] + [
+        f"{R}/attribution/{pair}/{task}/{a}.png"
+        for pair in config["pairs"]
+        for task in TASKS
+        for a in config["analysis"]["attribution_methods"]
+    ]
+
+
 def final_outputs() -> list[str]:
     return [
         f"{R}/tables/main.md",
         f"{R}/tables/models.md",
         f"{R}/figures/main.png",
+        *analysis_outputs(),
     ]
+
+
+check_config()

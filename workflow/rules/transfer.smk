@@ -6,13 +6,13 @@ rule cache_teacher:
         teacher=pair_model("teacher"),
         student=pair_model("student"),
         splits=f"{R}/splits/{{task}}/manifest.json",
+        pairings=cache_pairings,
     output:
         f"{R}/cache/{{pair}}/{{task}}/teacher.pt",
     params:
         max_len=config["data"]["max_len"],
         batch_size=config["cache"]["batch_size"],
         device=config["device"],
-        layers=[],
         train_on_inputs=lambda wc: wc.task in config["data"]["train_on_inputs"],
     log:
         f"{LOGS}/cache_teacher/{{pair}}/{{task}}.log",

@@ -1,0 +1,162 @@
+"""Per-layer task relevance of the teacher (paper §4.1), plus LaTen's logit-lens score and a seeded random
+control for the attribution ablation. Scores are indexed by layer: entry 0 = layer 1.
+
+Objective (all methods): the log-probability of the gold answer tokens, J = Σ_{t: answer} log p(x_{t+1} | x_<=t),
+per example (the "supervised objective" of §4.1, as a score rather than a loss so higher = more relevant).
+
+``grad_x_act`` (the paper's method; Captum ``LayerGradientXActivation`` on every decoder layer at once, one
+forward + one backward per batch): attr_{t,c} = h_{t,c} dJ/dh_{t,c} on the residual stream after the layer.
+Aggregation (the paper does not say): signed sum over channels per token, s_t = <h_t, dJ/dh_t> (the first-order
+effect on J of scaling that token's state, where channel signs cancel meaningfully), then the mean of |s_t| over
+real tokens of all examples (token-level signs would cancel between tokens that help and hurt).
+
+``logit_lens`` (LaTen, Yu & Ananiadou 2024): read each layer's residual stream through the final norm + LM head;
+score_k = mean over answer tokens of [log p_k(gold) - log p_{k-1}(gold)], with layer 0 = embeddings: how much
+layer k raises the gold tokens' log-probability. Forward-only.
+
+``random``: U(0, 1) per layer from a seeded generator (the ablation's control).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from semalign.models import decoder_layers, final_norm, lm_head
+from semalign.training import shift_mask, tokenize_records
+
+METHODS = ("grad_x_act", "logit_lens", "random")
+
+
+def gold_logprob(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position log p(next gold token) [B, T] (0 where the next token is not an answer token)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    lp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = shift_mask(loss_mask)[:, :-1].to(lp.dtype)
+    return torch.nn.functional.pad(lp * mask, (0, 1))
+
+
+def _as_batch(tokenizer_or_batch: Any, records: list[dict] | None, max_len: int) -> dict[str, torch.Tensor]:
+    if isinstance(tokenizer_or_batch, dict):
+        return tokenizer_or_batch
+    if not records:
+        raise ValueError("layer_scores: pass a token batch dict, or a tokenizer and non-empty records")
+    return tokenize_records(tokenizer_or_batch, records, max_len)
+
+
+def _grad_x_act(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size: int) -> list[float]:
+    from captum.attr import LayerGradientXActivation
+
+    layers = list(decoder_layers(model))
+
+    def objective(input_ids, attention_mask, loss_mask):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return gold_logprob(logits, input_ids, loss_mask).sum(-1)
+
+    lgxa = LayerGradientXActivation(objective, layers)
+    total = torch.zeros(len(layers), dtype=torch.float64)
+    n_tokens = 0
+    for i in tqdm(range(0, batch["input_ids"].shape[0], batch_size), desc="grad x act", leave=False):
+        ids, attn, lm = (batch[k][i : i + batch_size] for k in ("input_ids", "attention_mask", "loss_mask"))
+        attrs = lgxa.attribute(ids, additional_forward_args=(attn, lm))
+        real = attn.bool()
+        for k, a in enumerate(attrs):
+            total[k] += a.sum(-1)[real].abs().double().sum()
+        n_tokens += int(real.sum())
+    return (total / max(n_tokens, 1)).tolist()
+
+
+@torch.no_grad()
+def _logit_lens(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size: int) -> list[float]:
+    from semalign.cache import layer_outputs
+
+    L = len(decoder_layers(model))
+    norm, head = final_norm(model), lm_head(model)
+    gain = torch.zeros(L, dtype=torch.float64)
+    n_scored = 0
+    for i in tqdm(range(0, batch["input_ids"].shape[0], batch_size), desc="logit lens", leave=False):
+        ids, attn, lm = (batch[k][i : i + batch_size] for k in ("input_ids", "attention_mask", "loss_mask"))
+        store, _final, handles = layer_outputs(model, list(range(L + 1)))
+        try:
+            model.model(input_ids=ids, attention_mask=attn)
+        finally:
+            for h in handles:
+                h.remove()
+        lp = [gold_logprob(head(norm(store[k][0])), ids, lm).sum().double() for k in range(L + 1)]
+        gain += torch.stack([lp[k] - lp[k - 1] for k in range(1, L + 1)])
+        n_scored += int(shift_mask(lm).sum())
+    return (gain / max(n_scored, 1)).tolist()
+
+
+def layer_scores(
+    model: torch.nn.Module,
+    tokenizer_or_batch: Any,
+    records: list[dict] | None = None,
+    method: str = "grad_x_act",
+    max_len: int = 512,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> list[float]:
+    """One relevance score per decoder layer (index 0 = layer 1). Input: a tokenizer + chat records (tokenised
+    with the shared ``tokenize_records``) or a ready batch {"input_ids", "attention_mask", "loss_mask"}."""
+    L = len(decoder_layers(model))
+    if method == "random":
+        return torch.rand(L, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; choose one of {METHODS}")
+    batch = _as_batch(tokenizer_or_batch, records, max_len)
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        scores = (_grad_x_act if method == "grad_x_act" else _logit_lens)(model, batch, batch_size)
+    finally:
+        model.train(was_training)
+    if not all(torch.isfinite(torch.tensor(scores))):
+        raise FloatingPointError(f"non-finite {method} layer scores: {scores}")
+    return scores
+
+
+def write_layer_scores(scores: dict[str, list[float]], csv_path: Path, png_path: Path, title: str = "") -> None:
+    """Table (method, layer, score) and a profile plot; each method min-max normalised in the plot only, since
+    the methods' units differ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "layer", "score"])
+        for method, vals in scores.items():
+            w.writerows([method, k + 1, f"{v:.8g}"] for k, v in enumerate(vals))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for method, vals in scores.items():
+        t = torch.tensor(vals, dtype=torch.float64)
+        span = (t.max() - t.min()).clamp_min(1e-12)
+        ax.plot(range(1, len(vals) + 1), ((t - t.min()) / span).tolist(), marker="o", ms=3, label=method)
+    ax.set(xlabel="teacher layer", ylabel="score (min-max normalised)", title=title or "layer attribution")
+    ax.legend()
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=150)
+    plt.close(fig)
+
+
+def attribution_report(
+    model_dir: Path, records: list[dict], max_len: int, csv_path: Path, png_path: Path,
+    methods: tuple[str, ...] = METHODS, batch_size: int = 4, seed: int = 0, device: str | None = None,
+) -> dict[str, list[float]]:
+    """The attribution rule's work for one teacher x task: every method's scores on the extract split, written
+    as one csv + one profile plot."""
+    from semalign.models import load_model
+
+    model, tokenizer = load_model(model_dir, device=device)
+    scores = {m: layer_scores(model, tokenizer, records, m, max_len, batch_size, seed) for m in methods}
+    write_layer_scores(scores, csv_path, png_path, title=Path(model_dir).name)
+    return scores

@@ -1,0 +1,361 @@
+"""The shallow-to-deep frontier schedule (v2 / ACL abstracts): stage k trains student layer k alone.
+
+Stage k, for each student layer k listed in the pairing (increasing):
+1. the frozen prefix output h_{k-1} of *all* training rows is brought up to date ONCE (running only the layers
+   between the last stored state and k-1; layers < k are never re-run per step);
+2. only layer k is trainable (all its weights, or LoRA r=16 on its up/down/v/o projections, merged at the end
+   of the stage); per step the layer runs on the stored h_{k-1}, its loss compares it with the aligned teacher
+   target of the paired layer(s) from the cache, and, every stage or only at the last one, the frozen suffix
+   k+1..L_S + final norm + head runs so the output term (KL to the cached teacher logits) reaches layer k;
+3. layer k's weights are checkpointed atomically to ``ckpt/stage_{k}.pt``; a re-run resumes after the last
+   complete stage (recomputing the prefix from the embeddings once) and ends bit-identical to an uninterrupted
+   run on CPU: all randomness of stage k is seeded by (seed, k).
+
+Choices where the paper is silent (documented in :class:`SemAlignConfig`): per-stage epochs, fresh AdamW per
+stage, layer losses over all real tokens (the teacher saw the same tokens), the output term over answer tokens,
+and the teacher target mapped linearly (M x); eq. 1's per-token 1/||h_T|| is immaterial for v1 (cosine) and
+ACL (read out through RMSNorm), and would distort v2's centring, so we do not apply it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers.masking_utils import create_causal_mask
+
+from semalign.bases import align
+from semalign.cache import TeacherCache
+from semalign.losses import DEFAULT_INTERFACE, LOSSES, layer_loss
+from semalign.models import decoder_layers, embed_tokens, final_norm, lm_head
+from semalign.pairing import teacher_layers_needed, validate_pairing
+from semalign.training import (
+    apply_lora,
+    atomic_torch_save,
+    atomic_write_text,
+    batches,
+    check_finite,
+    set_seed,
+    shift_mask,
+    trim,
+)
+
+CURVE_FIELDS = ["stage", "step", "layer_loss", "kl", "total"]
+
+
+@dataclass
+class SemAlignConfig:
+    """Every SemAlign hyperparameter, with the paper's value where one is known (v1 App. A.2)."""
+
+    loss: str = "v2"  # v1 | v2 | acl | hidden_mse | kl_only  (v2 = the v2 abstract's objective)
+    pairing: str = "attributed"  # semalign.pairing strategy; the workflow builds the pairing file it names
+    attribution: str = "grad_x_act"  # layer attribution feeding the attributed pairing (paper: Layer Grad x Act)
+    interface: str | None = None  # "residual" (h_k - h_{k-1}) | "output" (h_k); None = the loss's default
+    recompose: str = "semantic"  # "semantic" = fixed VDS map M | "projector" = learned linear map (ablation)
+    trainable: str = "lora"  # "lora" (paper: r=16 on up/down/v/o) | "full" (all of layer k)
+    epochs: int = 5  # paper: 5 (HumanEval 3); ours: per frontier stage (the paper does not say)
+    lr: float = 3e-4  # paper: 3e-4 (HumanEval 3e-5)
+    batch_size: int = 64  # paper: 64; capped at the number of training rows
+    micro_batch_size: int = 8  # gradient accumulation: memory only, same result
+    weight_decay: float = 0.0  # ours (paper silent)
+    lambda_layer: float = 1.0  # ours: v1's sum is unweighted, so 1 / 1
+    lambda_kl: float = 1.0
+    kl_every_stage: bool = True  # output term at every stage (True) or only at the last stage
+    temperature: float = 1.0  # KL temperature (paper silent)
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
+    prefix_chunk: int = 16  # rows per no-grad prefix forward
+    stop_after_stage: int | None = None  # testing: stop (as if killed) after this stage's checkpoint
+
+    def __post_init__(self) -> None:
+        checks = {"loss": (self.loss, tuple(LOSSES)),
+                  "interface": (self.interface, (None, "residual", "output")),
+                  "recompose": (self.recompose, ("semantic", "projector")),
+                  "trainable": (self.trainable, ("lora", "full")),
+                  "pairing": (self.pairing, ("attributed", "depth_ratio", "interpolated", "last_only", "random")),
+                  "attribution": (self.attribution, ("grad_x_act", "logit_lens", "random"))}
+        for key, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"semalign.{key} must be one of {allowed}, got {value!r}")
+        if self.loss == "acl" and self.interface == "residual":
+            raise ValueError("semalign.loss=acl reads the layer *output* through the head; use interface: output")
+        if self.loss == "kl_only" and not self.kl_every_stage:
+            raise ValueError("semalign.loss=kl_only needs kl_every_stage: true (otherwise stages have no loss)")
+
+    @property
+    def resolved_interface(self) -> str:
+        return self.interface or DEFAULT_INTERFACE[self.loss]
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must agree on to be resumed (stop_after_stage may differ)."""
+        return {k: v for k, v in asdict(self).items() if k != "stop_after_stage"}
+
+
+class StageLimitReached(RuntimeError):
+    """Raised after ``stop_after_stage``'s checkpoint: a deliberate stop, resumable by re-running."""
+
+
+def stage_trainable_params(model: torch.nn.Module, cfg: SemAlignConfig) -> int:
+    """Parameters trainable in one stage: all of a layer, or LoRA's r (in + out) per targeted projection."""
+    layer = decoder_layers(model)[0]
+    if cfg.trainable == "full":
+        return sum(p.numel() for p in layer.parameters())
+    return sum(cfg.lora_r * (mod.in_features + mod.out_features) for name, mod in layer.named_modules()
+               if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.lora_targets)
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def run_layers(
+    model: torch.nn.Module, h: torch.Tensor, start: int, end: int, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Residual stream after layer ``end`` given the stream ``h`` after layer ``start - 1`` (1-based, inclusive),
+    calling the decoder layers exactly as ``LlamaModel.forward`` does (transformers 5.x): positions 0..T-1,
+    ``create_causal_mask`` from the padding mask, rotary ``position_embeddings``. start > end returns h."""
+    if start > end:
+        return h
+    inner = _backbone(model)
+    position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+    mask = create_causal_mask(config=inner.config, inputs_embeds=h, attention_mask=attention_mask, cache=None,
+                              position_ids=position_ids)
+    position_embeddings = inner.rotary_emb(h, position_ids=position_ids)
+    for layer in decoder_layers(model)[start - 1 : end]:
+        out = layer(h, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
+@torch.no_grad()
+def prefix_forward(
+    model: torch.nn.Module, h: torch.Tensor, start: int, end: int, attention_mask: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """:func:`run_layers` over all rows in fixed chunks, eval mode (no dropout); stored on h's device/dtype."""
+    if start > end:
+        return h
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = torch.empty_like(h)
+    for i in range(0, h.shape[0], chunk):
+        out[i : i + chunk] = run_layers(model, h[i : i + chunk].to(dev), start, end,
+                                        attention_mask[i : i + chunk].to(dev)).to(h.device)
+    model.train(was_training)
+    return out
+
+
+def _teacher_state(cache: TeacherCache, pair: dict, idx: torch.Tensor, T: int, interface: str, dev) -> torch.Tensor:
+    """Σ_l w_l x_l for the pair's teacher layers, x_l = h_l (output) or h_l - h_{l-1} (residual), [b, T, d_T]."""
+    total = None
+    for l, w in pair["teacher"]:
+        x = cache.layer(l)[idx, :T].to(dev, torch.float32)
+        if interface == "residual":
+            x = x - cache.layer(l - 1)[idx, :T].to(dev, torch.float32)
+        total = w * x if total is None else total + w * x
+    return total
+
+
+def _read_out(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return lm_head(model)(final_norm(model)(h))
+
+
+def _stage_ckpt(out_dir: Path, k: int) -> Path:
+    return out_dir / "ckpt" / f"stage_{k}.pt"
+
+
+def _write_curve(out_dir: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out_dir / "loss_curve.csv", buf.getvalue())
+
+
+def train_frontier(
+    model: torch.nn.Module,
+    cache: TeacherCache,
+    pairing: dict,
+    cfg: SemAlignConfig,
+    out_dir: Path,
+    seed: int,
+    m: torch.Tensor | None = None,
+) -> torch.nn.Module:
+    """Run (or resume) all frontier stages on ``model`` in place and return it (LoRA merged).
+
+    ``m``: the aligned map [d_S, d_T] (required for recompose="semantic"). Raises StageLimitReached after
+    ``cfg.stop_after_stage``, FloatingPointError on a non-finite loss (the last complete stage's checkpoint
+    stays; the failing stage writes nothing)."""
+    out_dir = Path(out_dir)
+    layers = decoder_layers(model)
+    L_S = len(layers)
+    validate_pairing(pairing, L_S=L_S)
+    interface = cfg.resolved_interface
+    needed = teacher_layers_needed(pairing, residual=interface == "residual")
+    missing = sorted(set(needed) - set(cache.layers)) if cfg.loss != "kl_only" else []
+    if missing:
+        raise ValueError(f"teacher cache lacks layers {missing} needed by this pairing; rebuild it with "
+                         f"layers={needed} (semalign.pairing.teacher_layers_needed)")
+    if cfg.recompose == "semantic" and m is None and cfg.loss != "kl_only":
+        raise ValueError("recompose=semantic needs the aligned map M (semalign.bases.aligned_map)")
+    dev = next(model.parameters()).device
+    head_t = cache.head_weight.to(dev, torch.float32)  # moved once, not per step
+    m = m.to(dev) if m is not None else None
+    model.requires_grad_(False)
+    n = len(cache)
+    data = {"input_ids": cache.input_ids, "attention_mask": cache.attention_mask, "loss_mask": cache.loss_mask}
+    stages = [p["student"] for p in pairing["pairs"]]
+    pair_of = {p["student"]: p for p in pairing["pairs"]}
+    fingerprint = {"config": cfg.fingerprint(), "pairing": pairing, "seed": seed}
+
+    # Resume: reload every complete stage (contiguous from the first) and rebuild the prefix once.
+    curve: list[dict] = []
+    done: list[int] = []
+    for k in stages:
+        path = _stage_ckpt(out_dir, k)
+        if not path.exists():
+            break
+        state = torch.load(path, map_location=dev, weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{path} was written by a different config/pairing/seed; delete {path.parent} to restart")
+        layers[k - 1].load_state_dict(state["layer"])
+        curve += state["curve"]
+        done.append(k)
+    with torch.no_grad():
+        h_prev = torch.cat([embed_tokens(model)(data["input_ids"][i : i + cfg.prefix_chunk].to(dev)).cpu()
+                            for i in range(0, n, cfg.prefix_chunk)])
+    cur = 0  # h_prev is the residual stream after layer `cur`
+    if done:
+        h_prev = prefix_forward(model, h_prev, 1, done[-1], data["attention_mask"], cfg.prefix_chunk)
+        cur = done[-1]
+
+    bs = min(cfg.batch_size, n)
+    for k in stages[len(done):]:
+        set_seed(seed * 1000 + k)  # LoRA init, projector init, dropout: independent of resumption
+        h_prev = prefix_forward(model, h_prev, cur + 1, k - 1, data["attention_mask"], cfg.prefix_chunk)
+        cur = k - 1
+        peft_model = None
+        if cfg.trainable == "lora":
+            peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, layers=[k])
+        else:
+            layers[k - 1].requires_grad_(True)
+        params = [p for p in layers[k - 1].parameters() if p.requires_grad]
+        projector = None
+        if cfg.recompose == "projector" and cfg.loss != "kl_only":
+            d_t = cache.layer(pair_of[k]["teacher"][0][0]).shape[-1]
+            projector = torch.nn.Linear(d_t, h_prev.shape[-1], bias=False, device=dev)
+            params += list(projector.parameters())
+        stage = _Stage(model, cache, head_t, pair_of[k], k, L_S, m, projector,
+                       with_output=cfg.kl_every_stage or k == stages[-1], cfg=cfg, interface=interface)
+        if cfg.loss == "hidden_mse" and projector is None:
+            stage.calibrate(h_prev, data["attention_mask"])
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        model.train()
+        stage_rows: list[dict] = []
+        step = 0
+        for epoch in range(cfg.epochs):
+            bar = tqdm(batches(n, bs, seed, (k - 1) * cfg.epochs + epoch),
+                       desc=f"semalign stage {k}/{L_S} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            for idx in bar:
+                opt.zero_grad(set_to_none=True)
+                logged = {"layer_loss": 0.0, "kl": 0.0, "total": 0.0}
+                for micro in idx.split(cfg.micro_batch_size):
+                    b = {key: v.to(dev) for key, v in trim({key: t[micro] for key, t in data.items()}).items()}
+                    T = b["input_ids"].shape[1]
+                    x = h_prev[micro, :T].to(dev)
+                    h = run_layers(model, x, k, k, b["attention_mask"])
+                    terms = stage.loss(micro, b, x, h)
+                    total = cfg.lambda_layer * terms.layer + cfg.lambda_kl * terms.output
+                    check_finite(total, f"semalign stage {k} epoch {epoch + 1} step {step}")
+                    (total * len(micro) / len(idx)).backward()
+                    for key, v in zip(("layer_loss", "kl", "total"), (terms.layer, terms.output, total)):
+                        logged[key] += v.item() * len(micro) / len(idx)
+                opt.step()
+                stage_rows.append({"stage": k, "step": step, **logged})
+                bar.set_postfix(loss=f"{logged['total']:.4f}")
+                step += 1
+        if peft_model is not None:
+            model = peft_model.merge_and_unload()
+        model.requires_grad_(False)
+        h_prev = prefix_forward(model, h_prev, k, k, data["attention_mask"], cfg.prefix_chunk)
+        cur = k
+        curve += stage_rows
+        layer_state = {key: v.detach().clone() for key, v in layers[k - 1].state_dict().items()}
+        atomic_torch_save({"stage": k, "layer": layer_state, "curve": stage_rows, "fingerprint": fingerprint},
+                          _stage_ckpt(out_dir, k))
+        _write_curve(out_dir, curve)
+        if cfg.stop_after_stage == k and k != stages[-1]:
+            raise StageLimitReached(f"stopped after stage {k} (stop_after_stage); re-run to resume from it")
+    _write_curve(out_dir, curve)
+    return model
+
+
+@dataclass
+class _Stage:
+    """What one frontier stage's loss needs: the model, the teacher side and the stage's fixed settings."""
+
+    model: torch.nn.Module
+    cache: TeacherCache
+    head_t: torch.Tensor  # teacher LM head on the training device
+    pair: dict
+    k: int
+    L_S: int
+    m: torch.Tensor | None
+    projector: torch.nn.Module | None
+    with_output: bool
+    cfg: SemAlignConfig
+    interface: str
+    scale: float = 1.0  # hidden_mse's target calibration
+
+    def target(self, idx: torch.Tensor, T: int) -> torch.Tensor:
+        """Aligned teacher quantity [b, T, d_S]: M x (linear, see module doc) or the learned projector."""
+        dev = self.head_t.device
+        x = _teacher_state(self.cache, self.pair, idx, T, self.interface, dev)
+        return self.projector(x) if self.projector is not None else align(x, self.m, normalize=False)
+
+    def loss(self, micro: torch.Tensor, b: dict[str, torch.Tensor], x: torch.Tensor, h: torch.Tensor):
+        """The variant's two terms for one micro-batch (x = h_{k-1}, h = h_k). The output term reads logits out
+        only at scored (answer) positions, as [1, n, V]: same token mean, V-dim work only where the loss looks."""
+        model, cfg = self.model, self.cfg
+        dev, T = h.device, h.shape[1]
+        student_logits = teacher_logits = labels = None
+        out_mask = shift_mask(b["loss_mask"]).bool()
+        if self.with_output:
+            h_final = run_layers(model, h, self.k + 1, self.L_S, b["attention_mask"])
+            student_logits = _read_out(model, h_final[out_mask]).unsqueeze(0)
+            t_final = self.cache.final_hidden[micro, :T][out_mask.cpu()].to(dev, torch.float32)
+            teacher_logits = (t_final @ self.head_t.T).unsqueeze(0)  # = cache.logits at the scored positions
+            labels = torch.nn.functional.pad(b["input_ids"][:, 1:], (0, 1))[out_mask].unsqueeze(0)
+        if cfg.loss == "kl_only":
+            student, target = h, h
+        else:
+            target = self.target(micro, T)
+            student = h - x if self.interface == "residual" else h
+            if cfg.loss == "acl":
+                student, target = _read_out(model, student), _read_out(model, target.to(h.dtype))
+            elif cfg.loss == "hidden_mse":
+                target = self.scale * target
+        ones = torch.ones(1, int(out_mask.sum()), device=dev)
+        return layer_loss(cfg.loss, student.float(), target.float(), b["attention_mask"], student_logits,
+                          teacher_logits, labels, ones, cfg.temperature)
+
+    @torch.no_grad()
+    def calibrate(self, h_prev: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """hidden_mse: one scalar per stage matching the mean norm of the aligned targets to that of the
+        student's initial layer-k quantity over real tokens, since eq. 2 leaves the target's magnitude arbitrary."""
+        chunk = self.cfg.prefix_chunk
+        h_k = prefix_forward(self.model, h_prev, self.k, self.k, attention_mask, chunk)
+        student = h_k - h_prev if self.interface == "residual" else h_k
+        norm_s = norm_t = 0.0
+        for i in range(0, len(self.cache), chunk):
+            rows = torch.arange(i, min(i + chunk, len(self.cache)))
+            real = attention_mask[rows].bool()
+            norm_s += student[rows][real].float().norm(dim=-1).sum().item()
+            norm_t += self.target(rows, real.shape[1]).cpu()[real].norm(dim=-1).sum().item()
+        self.scale = norm_s / max(norm_t, 1e-12)

@@ -1,0 +1,157 @@
+"""SemAlign objectives: the three published variants (v1, v2, ACL) plus two ablation baselines.
+
+Every function is pure (tensors in, scalar tensor out) and takes masks, so each is tested alone. Shapes:
+hidden states [B, T, d], logits [B, T, V], masks [B, T] (1 = counted). A variant returns
+``LossTerms(layer, output)``; the trainer combines them as lambda_layer * layer + lambda_kl * output and logs
+both. When a stage has no output term (``kl_every_stage=False``) the logits are None and ``output`` is 0.
+
+Choices where the paper is silent (digest §8.5-8.6) are stated at each function.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from semalign.training import output_kl
+
+EPS = 1e-8
+Tensor = torch.Tensor
+Opt = torch.Tensor | None
+
+
+class LossTerms(NamedTuple):
+    layer: torch.Tensor
+    output: torch.Tensor
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, T] over mask positions (0 if the mask is empty, so an empty batch adds no gradient)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(||x||^2 + eps): smooth at 0, so gradcheck and all-zero residuals stay finite."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + EPS)
+
+
+def cosine_layer_loss(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Avg_t cos(h_t, target_t) (v1's L_layer). Scale-invariant, so the arbitrary magnitude of the
+    recomposed target (eq. 2) does not matter."""
+    return 1.0 - masked_mean((_unit(h) * _unit(target)).sum(-1), mask)
+
+
+def onehot_cosine_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Avg_t cos(z_t, e_{y_t}) = 1 - Avg_t z_{t, y_t} / ||z_t|| (v1's L_out, a scale-invariant CE surrogate).
+    ``labels`` [B, T] is the token each position predicts; masked-out labels may hold any valid id."""
+    z_y = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return 1.0 - masked_mean(z_y * torch.rsqrt((logits * logits).sum(-1) + EPS), mask)
+
+
+def relation_matrices(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Centred token-token cosine geometry per sequence: x_c = x - mean_{t in mask} x_t, G = unit(x_c) unit(x_c)^T,
+    [B, T, T]; rows/columns outside the mask are zeroed."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    mean = (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
+    u = _unit((x - mean) * m)
+    return u @ u.transpose(1, 2)
+
+
+def relation_loss(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid token pairs of (G_x - G_y)^2 with G from :func:`relation_matrices` (v2's layer term).
+
+    Our reading of "centered token-token relation geometry" (digest §2.5): centre over the sequence's valid
+    tokens, cosine (not raw) Gram so scale and width drop out, squared Frobenius distance normalised by the
+    number of valid pairs Σ_b n_b^2. Invariant to orthogonal maps and per-sequence shifts of either side, so it
+    transfers *relations* between tokens, not absolute states."""
+    diff = relation_matrices(x, mask) - relation_matrices(y, mask)
+    n = mask.to(x.dtype).sum(-1)
+    return (diff * diff).sum() / (n * n).sum().clamp_min(1.0)
+
+
+def fisher_quadratic(z_student: torch.Tensor, z_target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Avg_t 0.5 d^T (diag p - p p^T) d with d = z_S - z*, p = softmax(z*) (ACL's layer term; our reading).
+
+    This is the second-order expansion of KL(softmax(z*) || softmax(z_S)) around z_S = z*, with the Fisher of
+    the categorical taken at the (constant) aligned target distribution. Computed as
+    0.5 (Σ_i p_i d_i^2 - (Σ_i p_i d_i)^2), never forming the V x V matrix; it is >= 0 and invariant to adding a
+    constant to d (softmax shift invariance). Gradient wrt z_S: (diag p - p p^T) d = p * d - p (p . d)."""
+    d = z_student.float() - z_target.float()
+    p = torch.softmax(z_target.float(), dim=-1)
+    pd = p * d
+    quad = (pd * d).sum(-1) - pd.sum(-1) ** 2
+    return masked_mean(0.5 * quad, mask)
+
+
+def hidden_mse_loss(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Avg_t ||h_t - target_t||^2 / d: plain representation matching (ablation; the target's scale must be
+    calibrated by the caller, since eq. 2's magnitude is arbitrary)."""
+    return masked_mean(((h - target) ** 2).mean(-1), mask)
+
+
+def _kl(student_logits: Opt, teacher_logits: Opt, out_mask: Opt, temperature: float) -> Tensor:
+    """KL(p_teacher || p_student), or 0 when the stage has no output term."""
+    if student_logits is None:
+        return torch.zeros(())
+    return output_kl(student_logits, teacher_logits, out_mask, temperature)
+
+
+def v1_loss(h: Tensor, target: Tensor, mask: Tensor, logits: Opt = None, labels: Opt = None,
+            out_mask: Opt = None) -> LossTerms:
+    """v1 (digest §2.4): L = [1 - Avg cos(h^(k), h~^(k))] + [1 - Avg cos(z, onehot(y))], unweighted in the paper."""
+    out = torch.zeros(()) if logits is None else onehot_cosine_loss(logits, labels, out_mask)
+    return LossTerms(cosine_layer_loss(h, target, mask), out)
+
+
+def v2_loss(delta: Tensor, delta_target: Tensor, mask: Tensor, student_logits: Opt = None,
+            teacher_logits: Opt = None, out_mask: Opt = None, temperature: float = 1.0) -> LossTerms:
+    """v2 (digest §2.5): relation geometry of the residual contribution Δ_k = h_k - h_{k-1} against the aligned
+    supervisory residual M(h^T_l - h^T_{l-1}), plus KL(p_teacher || p_student) on the output."""
+    kl = _kl(student_logits, teacher_logits, out_mask, temperature)
+    return LossTerms(relation_loss(delta, delta_target, mask), kl)
+
+
+def acl_loss(z_layer: Tensor, z_layer_target: Tensor, mask: Tensor, student_logits: Opt = None,
+             teacher_logits: Opt = None, out_mask: Opt = None, temperature: float = 1.0) -> LossTerms:
+    """ACL (digest §2.6): Fisher quadratic between the student layer's read-out logits and the aligned logits
+    (both through the *student's* final norm + head, i.e. "target-space aligned logits"), plus final KL."""
+    return LossTerms(fisher_quadratic(z_layer, z_layer_target, mask),
+                     _kl(student_logits, teacher_logits, out_mask, temperature))
+
+
+def hidden_mse(h: Tensor, target: Tensor, mask: Tensor, student_logits: Opt = None,
+               teacher_logits: Opt = None, out_mask: Opt = None, temperature: float = 1.0) -> LossTerms:
+    """Ablation: MSE to the (scale-calibrated) aligned state + output KL."""
+    return LossTerms(hidden_mse_loss(h, target, mask), _kl(student_logits, teacher_logits, out_mask, temperature))
+
+
+def kl_only(h: Tensor, target: Tensor, mask: Tensor, student_logits: Opt = None,
+            teacher_logits: Opt = None, out_mask: Opt = None, temperature: float = 1.0) -> LossTerms:
+    """Ablation: no layer supervision, frontier schedule with output KL only."""
+    return LossTerms(torch.zeros((), device=h.device), _kl(student_logits, teacher_logits, out_mask, temperature))
+
+
+LOSSES = {"v1": v1_loss, "v2": v2_loss, "acl": acl_loss, "hidden_mse": hidden_mse, "kl_only": kl_only}
+# What each variant supervises: the residual contribution Δ_k or the layer output h_k; ACL compares read-outs.
+DEFAULT_INTERFACE = {"v1": "residual", "v2": "residual", "acl": "output", "hidden_mse": "output", "kl_only": "output"}
+
+
+def layer_loss(
+    name: str,
+    student: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    out_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> LossTerms:
+    """Dispatch by variant name. ``student``/``target`` are what the variant compares (states, residuals or, for
+    acl, read-out logits); v1's output term uses ``labels``, the others ``teacher_logits``."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    if name == "v1":
+        return v1_loss(student, target, mask, student_logits, labels, out_mask)
+    return LOSSES[name](student, target, mask, student_logits, teacher_logits, out_mask, temperature)

@@ -1,0 +1,18 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from semalign.models import load_manifest
+from semalign.pairing import pair_layers
+from semalign.pipeline import start_job
+from semalign.training import atomic_write_text
+
+start_job(snakemake)
+inp, wc = snakemake.input, snakemake.wildcards
+L_T, L_S = (load_manifest(Path(f).parent)["num_layers"] for f in (inp.teacher, inp.student))
+strategy = "attributed" if wc.pairing.startswith("attributed-") else wc.pairing
+scores = pd.read_csv(inp.scores).sort_values("layer")["score"].tolist() if "scores" in inp.keys() else None
+pairing = pair_layers(L_T, L_S, strategy, scores=scores, seed=snakemake.params.seed)
+atomic_write_text(Path(snakemake.output[0]), json.dumps(pairing, indent=2))
+print(pairing)
