@@ -18,7 +18,6 @@ layer k raises the gold tokens' log-probability. Forward-only.
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from semalign.models import decoder_layers, final_norm, lm_head
+from semalign.report import write_layer_profile
 from semalign.training import shift_mask, tokenize_records
 
 METHODS = ("grad_x_act", "logit_lens", "random")
@@ -124,28 +124,9 @@ def layer_scores(
 def write_layer_scores(scores: dict[str, list[float]], csv_path: Path, png_path: Path, title: str = "") -> None:
     """Table (method, layer, score) and a profile plot; each method min-max normalised in the plot only, since
     the methods' units differ."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "layer", "score"])
-        for method, vals in scores.items():
-            w.writerows([method, k + 1, f"{v:.8g}"] for k, v in enumerate(vals))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for method, vals in scores.items():
-        t = torch.tensor(vals, dtype=torch.float64)
-        span = (t.max() - t.min()).clamp_min(1e-12)
-        ax.plot(range(1, len(vals) + 1), ((t - t.min()) / span).tolist(), marker="o", ms=3, label=method)
-    ax.set(xlabel="teacher layer", ylabel="score (min-max normalised)", title=title or "layer attribution")
-    ax.legend()
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=150)
-    plt.close(fig)
+    curves = {m: {k + 1: v for k, v in enumerate(vals)} for m, vals in scores.items()}
+    write_layer_profile(curves, csv_path, png_path, columns=("method", "layer", "score"),
+                        ylabel="score (min-max normalised)", title=title or "layer attribution", normalise=True)
 
 
 def attribution_report(

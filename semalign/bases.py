@@ -28,7 +28,6 @@ vectors S S^T ~ (V/d) I, so random bases recompose *well*, contrary to the paper
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
@@ -156,27 +155,10 @@ def collect_layer_states(
 
 def write_decomposition(results: dict[str, dict[int, float]], csv_path: Path, png_path: Path, title: str = "") -> None:
     """Fig. 2 table (basis, layer, cosine) and line plot, one line per basis."""
-    import matplotlib
+    from semalign.report import write_layer_profile
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["basis", "layer", "cosine"])
-        for basis, per_layer in results.items():
-            w.writerows([basis, k, f"{v:.6f}"] for k, v in sorted(per_layer.items()))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for basis, per_layer in results.items():
-        ks = sorted(per_layer)
-        ax.plot(ks, [per_layer[k] for k in ks], marker="o", ms=3, label=f"{basis}-side" if basis != "random" else basis)
-    ax.set(xlabel="layer", ylabel="cos(h, recomposed h)", ylim=(-0.05, 1.05), title=title or "semantic decomposition")
-    ax.legend()
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=150)
-    plt.close(fig)
+    write_layer_profile(results, csv_path, png_path, columns=("basis", "layer", "cosine"),
+                        ylabel="cos(h, recomposed h)", title=title or "semantic decomposition", ylim=(-0.05, 1.05))
 
 
 def build_aligned_map(teacher_dir: Path, student_dir: Path, out_path: Path, device: str | None = None) -> dict:

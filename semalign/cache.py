@@ -65,7 +65,7 @@ class TeacherCache:
         return self.layers[k]
 
     @classmethod
-    def load(cls, path: Path) -> "TeacherCache":
+    def load(cls, path: Path) -> TeacherCache:
         blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         return cls(**blob)
 

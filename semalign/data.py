@@ -11,8 +11,8 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 TASKS: tuple[str, ...] = ("mmlu", "gsm8k", "humaneval", "mbpp")
 SPLITS = ("extract", "align", "train", "test")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 # Modules that register methods when imported. Adding a method = one module + one line here.
 METHOD_MODULES: tuple[str, ...] = (
@@ -67,6 +69,16 @@ class Method:
 
     def run(self, ctx: TransferContext) -> Path:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def save(self, ctx: TransferContext, model: Any, tokenizer: Any, stats: dict[str, Any]) -> Path:
+        """The common end of a training method: its stats for the cost table, the model as a prepared dir
+        (LoRA merged) whose manifest says where it came from."""
+        from semalign.models import load_manifest
+        from semalign.training import atomic_write_text, save_model
+
+        atomic_write_text(ctx.out_dir / "train_stats.json", json.dumps(stats, indent=2))
+        manifest = {**load_manifest(ctx.student), "derived_from": str(ctx.student), "method": self.name}
+        return save_model(model, tokenizer, ctx.out_dir / "model", manifest=manifest)
 
 
 _METHODS: dict[str, type[Method]] = {}

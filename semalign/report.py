@@ -98,6 +98,34 @@ def model_table(manifests: dict[str, str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def write_layer_profile(
+    curves: dict[str, dict[int, float]], csv_path: Path, png_path: Path, *, columns: tuple[str, str, str],
+    ylabel: str, title: str, normalise: bool = False, ylim: tuple[float, float] | None = None,
+) -> None:
+    """One value per layer for several series (bases, attribution methods): a long csv and a line plot.
+
+    ``columns`` names the csv columns (series, layer, value); ``normalise`` min-max scales each series in the
+    plot only, for series whose units differ."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{columns[0]: name, columns[1]: k, columns[2]: v} for name, c in curves.items() for k, v in sorted(c.items())]
+    pd.DataFrame(rows).to_csv(csv_path, index=False, float_format="%.8g")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, c in curves.items():
+        ks = sorted(c)
+        ys = pd.Series([c[k] for k in ks], dtype=float)
+        if normalise:
+            ys = (ys - ys.min()) / max(ys.max() - ys.min(), 1e-12)
+        ax.plot(ks, ys, marker="o", ms=3, label=name)
+    ax.set(xlabel="layer", ylabel=ylabel, title=title)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend()
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=150)
+    plt.close(fig)
+
+
 def main_figure(summary: pd.DataFrame, methods: list[str], tasks: list[str], stem: Path) -> None:
     """Grouped bars per task: paper metric (left) and gold-answer NLL (right), 95% CIs as error bars."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))

@@ -6,7 +6,6 @@ SemAlign pay the same teacher cost and differ only in what the student is traine
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,17 +13,15 @@ import torch
 from tqdm import tqdm
 
 from semalign.cache import TeacherCache
-from semalign.models import check_same_vocab, load_manifest, load_model
+from semalign.models import check_same_vocab, load_model
 from semalign.registry import Method, TransferContext, register_method
 from semalign.training import (
     apply_lora,
     atomic_torch_save,
-    atomic_write_text,
     batches,
     check_finite,
     next_token_ce,
     output_kl,
-    save_model,
     set_seed,
     shift_mask,
     trainable_parameters,
@@ -112,6 +109,4 @@ class KnowledgeDistillation(Method):
             w.writeheader()
             w.writerows(curve)
         stats = {"trainable_params": trainable_parameters(model), "config": asdict(cfg), "teacher_forwards": 0}
-        atomic_write_text(ctx.out_dir / "train_stats.json", json.dumps(stats, indent=2))
-        manifest = {**load_manifest(ctx.student), "derived_from": str(ctx.student), "method": self.name}
-        return save_model(model, tokenizer, ctx.out_dir / "model", manifest=manifest)
+        return self.save(ctx, model, tokenizer, stats)

@@ -17,9 +17,9 @@ import torch
 from semalign.bases import aligned_map
 from semalign.cache import TeacherCache
 from semalign.frontier import SemAlignConfig, stage_trainable_params, train_frontier
-from semalign.models import check_same_vocab, lm_head, load_manifest, load_model
+from semalign.models import check_same_vocab, lm_head, load_model
 from semalign.registry import Method, TransferContext, register_method
-from semalign.training import atomic_write_text, save_model, set_seed
+from semalign.training import set_seed
 
 
 @register_method("semalign")
@@ -53,6 +53,4 @@ class SemAlign(Method):
             "config": asdict(cfg),
             "teacher_forwards": 0,  # all teacher signals come from the shared cache
         }
-        atomic_write_text(ctx.out_dir / "train_stats.json", json.dumps(stats, indent=2))
-        manifest = {**load_manifest(ctx.student), "derived_from": str(ctx.student), "method": self.name}
-        return save_model(model, tokenizer, ctx.out_dir / "model", manifest=manifest)
+        return self.save(ctx, model, tokenizer, stats)
