@@ -43,7 +43,8 @@ def profile(name: str) -> dict:
 
 @pytest.mark.parametrize("name", ["smoke", "mini", "paper"])
 def test_dry_run_every_profile_offline(tmp_path, name):
-    res = snakemake(tmp_path, profile(name), "-n", "--quiet", "rules", env={"HF_HUB_OFFLINE": "1"})
+    """Building the DAG loads no model and no dataset: it works on a machine without network (like this one)."""
+    res = snakemake(tmp_path, profile(name), "-n", "--quiet", "rules")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "evaluate" in res.stdout and "transfer" in res.stdout
 
