@@ -7,7 +7,7 @@ Stage k, for each student layer k listed in the pairing (increasing):
    of the stage); per step the layer runs on the stored h_{k-1}, its loss compares it with the aligned teacher
    target of the paired layer(s) from the cache, and, every stage or only at the last one, the frozen suffix
    k+1..L_S + final norm + head runs so the output term (KL to the cached teacher logits) reaches layer k;
-3. layer k's weights are checkpointed atomically to ``ckpt/stage_{k}.pt``; a re-run resumes after the last
+3. layer k's weights are checkpointed atomically to ``ckpt/<config hash>/stage_{k}.pt``; a re-run resumes after the last
    complete stage (recomputing the prefix from the embeddings once) and ends bit-identical to an uninterrupted
    run on CPU: all randomness of stage k is seeded by (seed, k).
 
@@ -38,6 +38,7 @@ from semalign.training import (
     atomic_write_text,
     batches,
     check_finite,
+    checkpoint_dir,
     set_seed,
     shift_mask,
     trim,
@@ -166,10 +167,6 @@ def _read_out(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     return lm_head(model)(final_norm(model)(h))
 
 
-def _stage_ckpt(out_dir: Path, k: int) -> Path:
-    return out_dir / "ckpt" / f"stage_{k}.pt"
-
-
 def _write_curve(out_dir: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS)
@@ -212,18 +209,16 @@ def train_frontier(
     data = {"input_ids": cache.input_ids, "attention_mask": cache.attention_mask, "loss_mask": cache.loss_mask}
     stages = [p["student"] for p in pairing["pairs"]]
     pair_of = {p["student"]: p for p in pairing["pairs"]}
-    fingerprint = {"config": cfg.fingerprint(), "pairing": pairing, "seed": seed}
+    ckpt = checkpoint_dir(out_dir, {"config": cfg.fingerprint(), "pairing": pairing, "seed": seed})
 
     # Resume: reload every complete stage (contiguous from the first) and rebuild the prefix once.
     curve: list[dict] = []
     done: list[int] = []
     for k in stages:
-        path = _stage_ckpt(out_dir, k)
+        path = ckpt / f"stage_{k}.pt"
         if not path.exists():
             break
         state = torch.load(path, map_location=dev, weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(f"{path} was written by a different config/pairing/seed; delete {path.parent} to restart")
         layers[k - 1].load_state_dict(state["layer"])
         curve += state["curve"]
         done.append(k)
@@ -287,8 +282,7 @@ def train_frontier(
         cur = k
         curve += stage_rows
         layer_state = {key: v.detach().clone() for key, v in layers[k - 1].state_dict().items()}
-        atomic_torch_save({"stage": k, "layer": layer_state, "curve": stage_rows, "fingerprint": fingerprint},
-                          _stage_ckpt(out_dir, k))
+        atomic_torch_save({"stage": k, "layer": layer_state, "curve": stage_rows}, ckpt / f"stage_{k}.pt")
         _write_curve(out_dir, curve)
         if cfg.stop_after_stage == k and k != stages[-1]:
             raise StageLimitReached(f"stopped after stage {k} (stop_after_stage); re-run to resume from it")

@@ -200,6 +200,7 @@ def save_prepared(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ma
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model dir on a shared cluster must stay readable
     try:
         if model.config.architectures is None:
             model.config.architectures = [type(model).__name__]

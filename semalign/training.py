@@ -5,6 +5,8 @@ only in their objective.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -150,6 +152,13 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path, manifest: 
         model = model.merge_and_unload()
     manifest = {**manifest, "n_params": sum(p.numel() for p in model.parameters())}
     return save_prepared(model, tokenizer, manifest, out_dir)
+
+
+def checkpoint_dir(out_dir: Path, fingerprint: dict[str, Any]) -> Path:
+    """Checkpoints live under a hash of everything that shapes the run (config, seed, pairing), so a re-run with
+    the same settings resumes, and a re-run with changed settings starts fresh instead of resuming stale state."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(out_dir) / "ckpt" / digest
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -98,7 +98,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, trainable):
     straight = SemAlign().run(ctx("straight"))
     with pytest.raises(StageLimitReached, match="stopped after stage 1"):
         SemAlign().run(ctx("resumed", stop_after_stage=1))  # "killed" after stage 1
-    assert (tmp_path / "resumed/ckpt/stage_1.pt").exists() and not (tmp_path / "resumed/model").exists()
+    assert len(list((tmp_path / "resumed/ckpt").glob("*/stage_1.pt"))) == 1 and not (tmp_path / "resumed/model").exists()
     resumed = SemAlign().run(ctx("resumed"))
     a, _ = load_model(straight, device="cpu")
     b, _ = load_model(resumed, device="cpu")
@@ -110,8 +110,11 @@ def test_resume_equals_uninterrupted(setup, tmp_path, trainable):
     assert all(float(r["layer_loss"]) >= 0 and float(r["kl"]) >= 0 for r in rows)
     stats = json.loads((tmp_path / "straight/train_stats.json").read_text())
     assert stats["stages"] == [1, 2] and stats["trainable_params"] > 0
-    with pytest.raises(ValueError, match="different config"):
-        SemAlign().run(ctx("resumed", lr=0.5))
+    # Regression: a changed config starts fresh in its own checkpoint dir instead of resuming stale stages.
+    changed = SemAlign().run(ctx("resumed", lr=0.5))
+    assert len(list((tmp_path / "resumed/ckpt").glob("*/stage_2.pt"))) == 2
+    c, _ = load_model(changed, device="cpu")
+    assert not all(torch.equal(v, sa[k]) for k, v in c.state_dict().items())
 
 
 @pytest.mark.parametrize("params", [

@@ -57,8 +57,18 @@ def test_kd_reduces_kl(tiny_pair, cache, tmp_path, trainable):
 def test_kd_resume_equals_uninterrupted(tiny_pair, cache, tmp_path):
     straight, _ = _kd(tiny_pair, cache, tmp_path, "straight", epochs=2, trainable="full")
     _kd(tiny_pair, cache, tmp_path, "resumed", epochs=1, trainable="full")  # "killed" after epoch 1
+    (ckpt,) = (tmp_path / "resumed" / "ckpt").glob("*/last.pt")
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
     resumed, _ = _kd(tiny_pair, cache, tmp_path, "resumed", epochs=2, trainable="full")
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2  # same checkpoint continued, not a fresh run
     a, _ = load_model(straight)
     b, _ = load_model(resumed)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_kd_changed_config_starts_fresh(tiny_pair, cache, tmp_path):
+    """Regression: a re-run with changed hyperparameters must not resume the old run's checkpoint."""
+    _kd(tiny_pair, cache, tmp_path, "run", epochs=1, trainable="full")
+    _kd(tiny_pair, cache, tmp_path, "run", epochs=1, trainable="full", lr=5e-3)
+    assert len(list((tmp_path / "run" / "ckpt").glob("*/last.pt"))) == 2

@@ -194,3 +194,9 @@ def test_real_gguf_teacher(tmp_path, tiny):
         gen = model.generate(**enc, max_new_tokens=16, do_sample=False)
     answer = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "5" in answer, answer
+
+
+def test_prepared_dir_is_world_readable(tiny):
+    """Regression: tempfile.mkdtemp made prepared dirs 0700, unreadable to other users of a shared cluster."""
+    out, _, _ = tiny
+    assert out.stat().st_mode & 0o777 == 0o755

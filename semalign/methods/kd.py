@@ -20,6 +20,7 @@ from semalign.training import (
     atomic_torch_save,
     batches,
     check_finite,
+    checkpoint_dir,
     next_token_ce,
     output_kl,
     set_seed,
@@ -74,7 +75,9 @@ class KnowledgeDistillation(Method):
         dev = next(model.parameters()).device
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ckpt = ctx.out_dir / "ckpt" / "last.pt"
+        # epochs is left out: extending a finished run by more epochs resumes it
+        shaping = {k: v for k, v in asdict(cfg).items() if k != "epochs"}
+        ckpt = checkpoint_dir(ctx.out_dir, {"config": shaping, "seed": ctx.seed}) / "last.pt"
         start_epoch, curve = 0, []
         if ckpt.exists():  # resume: trainable weights, optimizer and curve of the last finished epoch
             state = torch.load(ckpt, map_location=dev, weights_only=False)
