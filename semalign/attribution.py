@@ -132,6 +132,7 @@ def write_layer_scores(scores: dict[str, list[float]], csv_path: Path, png_path:
 def attribution_report(
     model_dir: Path, records: list[dict], max_len: int, csv_path: Path, png_path: Path,
     methods: tuple[str, ...] = METHODS, batch_size: int = 4, seed: int = 0, device: str | None = None,
+    title: str = "",
 ) -> dict[str, list[float]]:
     """The attribution rule's work for one teacher x task: every method's scores on the extract split, written
     as one csv + one profile plot."""
@@ -139,5 +140,5 @@ def attribution_report(
 
     model, tokenizer = load_model(model_dir, device=device)
     scores = {m: layer_scores(model, tokenizer, records, m, max_len, batch_size, seed) for m in methods}
-    write_layer_scores(scores, csv_path, png_path, title=Path(model_dir).name)
+    write_layer_scores(scores, csv_path, png_path, title=title or Path(model_dir).name)
     return scores

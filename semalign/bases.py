@@ -182,7 +182,8 @@ def build_aligned_map(teacher_dir: Path, student_dir: Path, out_path: Path, devi
 
 
 def decomposition_report(
-    model_dir: Path, records: list[dict], max_len: int, csv_path: Path, png_path: Path, seed: int = 0
+    model_dir: Path, records: list[dict], max_len: int, csv_path: Path, png_path: Path, seed: int = 0,
+    title: str = "",
 ) -> dict[str, dict[int, float]]:
     """Paper Fig. 2 for one model: recomposition cosine per layer (0 = embeddings .. L) for output-side,
     input-side and random bases over the real tokens of ``records``; writes the csv and png."""
@@ -193,5 +194,5 @@ def decomposition_report(
     batch = tokenize_records(tokenizer, records, max_len, train_on_inputs=True)
     states = collect_layer_states(model, batch, list(range(len(decoder_layers(model)) + 1)))
     results = {basis: decomposition_check(model, states, basis, seed) for basis in BASES}
-    write_decomposition(results, csv_path, png_path, title=Path(model_dir).name)
+    write_decomposition(results, csv_path, png_path, title=title or Path(model_dir).name)
     return results

@@ -16,4 +16,5 @@ attribution_report(
     batch_size=p.batch_size,
     seed=p.seed,
     device=resolve_device(p.device),
+    title=f"teacher attribution: {snakemake.wildcards.pair} / {snakemake.wildcards.task}",
 )
