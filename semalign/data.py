@@ -40,7 +40,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same dir + os.replace, so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """Atomic jsonl write; keys keep their order so equal records give byte-identical files."""
-    _atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def sha256(path: str | Path) -> str:
@@ -328,5 +328,5 @@ def make_splits(task: str, sizes: dict[str, int], test_size: int | None, seed: i
                     "source": test_src if s == "test" else sources[s]}
     manifest = {"task": task, "seed": seed, "sizes": {s: sizes[s] for s in TRANSFER_SPLITS}, "test_size": test_size,
                 "test_excluded_overlap": sorted(excluded, key=str), "files": files}
-    _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest

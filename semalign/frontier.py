@@ -29,13 +29,13 @@ from transformers.masking_utils import create_causal_mask
 
 from semalign.bases import align
 from semalign.cache import TeacherCache
+from semalign.data import atomic_write_text
 from semalign.losses import DEFAULT_INTERFACE, LOSSES, layer_loss
 from semalign.models import decoder_layers, embed_tokens, final_norm, lm_head
 from semalign.pairing import teacher_layers_needed, validate_pairing
 from semalign.training import (
     apply_lora,
     atomic_torch_save,
-    atomic_write_text,
     batches,
     check_finite,
     checkpoint_dir,

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from semalign.data import atomic_write_text
 from semalign.registry import TransferContext, get_method
-from semalign.training import atomic_write_text
 
 
 def resolve_device(device: str) -> str:

@@ -68,13 +68,29 @@ class Method:
         return cls.config_cls(**params)
 
     def run(self, ctx: TransferContext) -> Path:  # pragma: no cover - interface
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} has no run(): reference rows are evaluated directly")
+
+    def begin(self, ctx: TransferContext) -> tuple[Any, Any, Any, Any]:
+        """The common start of a method that learns from the teacher cache: (config, cache, student, tokenizer),
+        after seeding and checking that teacher and student share a vocabulary token for token."""
+        from semalign.cache import TeacherCache
+        from semalign.models import check_same_vocab, load_model
+        from semalign.training import set_seed
+
+        cfg = self.config(ctx.params)
+        set_seed(ctx.seed)
+        check_same_vocab(ctx.teacher, ctx.student)
+        if ctx.teacher_cache is None:
+            raise ValueError(f"method {self.name!r} needs the teacher cache (uses_teacher_cache)")
+        model, tokenizer = load_model(ctx.student, device=ctx.device, trainable=True)
+        return cfg, TeacherCache.load(ctx.teacher_cache), model, tokenizer
 
     def save(self, ctx: TransferContext, model: Any, tokenizer: Any, stats: dict[str, Any]) -> Path:
         """The common end of a training method: its stats for the cost table, the model as a prepared dir
         (LoRA merged) whose manifest says where it came from."""
+        from semalign.data import atomic_write_text
         from semalign.models import load_manifest
-        from semalign.training import atomic_write_text, save_model
+        from semalign.training import save_model
 
         atomic_write_text(ctx.out_dir / "train_stats.json", json.dumps(stats, indent=2))
         manifest = {**load_manifest(ctx.student), "derived_from": str(ctx.student), "method": self.name}

@@ -168,13 +168,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def check_finite(loss: torch.Tensor, where: str) -> None:
     """NaN/inf losses stop training with a message naming the stage, instead of silently corrupting weights."""
     if not torch.isfinite(loss):

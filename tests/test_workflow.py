@@ -108,3 +108,7 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert set(stages["stage"]) == {1, 2} and stages["total"].notna().all()
     assert any((work / "logs" / "smoke" / "transfer").rglob("*.log"))
     assert any((work / "results" / "smoke" / "benchmarks" / "transfer").rglob("*.tsv"))
+    # the README's report command (regression: it once failed for want of --cores)
+    report = snakemake(work, cfg, "--report", "results/smoke/report.html", env=env)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (work / "results" / "smoke" / "report.html").stat().st_size > 10_000

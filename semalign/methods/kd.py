@@ -12,8 +12,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from semalign.cache import TeacherCache
-from semalign.models import check_same_vocab, load_model
 from semalign.registry import Method, TransferContext, register_method
 from semalign.training import (
     apply_lora,
@@ -65,11 +63,7 @@ class KnowledgeDistillation(Method):
     config_cls = KDConfig
 
     def run(self, ctx: TransferContext) -> Path:
-        cfg = self.config(ctx.params)
-        set_seed(ctx.seed)
-        check_same_vocab(ctx.teacher, ctx.student)
-        cache = TeacherCache.load(ctx.teacher_cache)
-        model, tokenizer = load_model(ctx.student, device=ctx.device, trainable=True)
+        cfg, cache, model, tokenizer = self.begin(ctx)
         model = prepare_trainable(model, cfg)
         model.train()
         dev = next(model.parameters()).device

@@ -1,9 +1,8 @@
-"""Reference rows: the untouched student and the teacher, evaluated exactly like every transferred model."""
+"""Reference rows: the untouched student and the teacher. They transfer nothing, so they have no ``run``: the
+workflow evaluates the named model directly, exactly like every transferred model."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from semalign.registry import Method, TransferContext, register_method
+from semalign.registry import Method, register_method
 
 
 @register_method("none")
@@ -12,15 +11,9 @@ class NoTransfer(Method):
 
     reference = "student"
 
-    def run(self, ctx: TransferContext) -> Path:
-        return ctx.student
-
 
 @register_method("teacher")
 class TeacherReference(Method):
     """The source model: the ceiling, and the denominator of the paper's gap-to-teacher."""
 
     reference = "teacher"
-
-    def run(self, ctx: TransferContext) -> Path:
-        return ctx.teacher

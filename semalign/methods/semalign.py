@@ -15,11 +15,9 @@ from pathlib import Path
 import torch
 
 from semalign.bases import aligned_map
-from semalign.cache import TeacherCache
 from semalign.frontier import SemAlignConfig, stage_trainable_params, train_frontier
-from semalign.models import check_same_vocab, lm_head, load_model
+from semalign.models import lm_head
 from semalign.registry import Method, TransferContext, register_method
-from semalign.training import set_seed
 
 
 @register_method("semalign")
@@ -28,16 +26,10 @@ class SemAlign(Method):
     config_cls = SemAlignConfig
 
     def run(self, ctx: TransferContext) -> Path:
-        cfg = self.config(ctx.params)
-        set_seed(ctx.seed)
-        check_same_vocab(ctx.teacher, ctx.student)
         if "pairing" not in ctx.extras:
             raise ValueError("semalign needs ctx.extras['pairing'] (the pairing rule's JSON)")
-        if ctx.teacher_cache is None:
-            raise ValueError("semalign needs the teacher cache (uses_teacher_cache)")
         pairing = json.loads(Path(ctx.extras["pairing"]).read_text())
-        cache = TeacherCache.load(ctx.teacher_cache)
-        model, tokenizer = load_model(ctx.student, device=ctx.device, trainable=True)
+        cfg, cache, model, tokenizer = self.begin(ctx)
         m = None
         if cfg.recompose == "semantic":
             if "aligned_map" in ctx.extras:

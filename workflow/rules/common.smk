@@ -22,6 +22,7 @@ BENCH = f"{R}/benchmarks"
 SEEDS = config["seeds"]
 TASKS = config["tasks"]
 METHODS = config["methods"]
+THREADS = config["threads"]  # Snakemake scales it down to --cores; no workflow.cores here, --report has none
 ATTRIBUTIONS = "grad_x_act|logit_lens|random"
 
 
@@ -29,7 +30,6 @@ wildcard_constraints:
     attribution=ATTRIBUTIONS,
     pairing=rf"(attributed-({ATTRIBUTIONS})|depth_ratio|interpolated|last_only|random)",
     seed=r"\d+",
-THREADS = min(config["threads"], workflow.cores)
 
 
 def check_config() -> None:

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from semalign.data import atomic_write_text
 from semalign.models import load_manifest
 from semalign.pairing import pair_layers
 from semalign.pipeline import start_job
-from semalign.training import atomic_write_text
 
 start_job(snakemake)
 inp, wc = snakemake.input, snakemake.wildcards
