@@ -18,16 +18,20 @@ from semalign.training import atomic_torch_save, tokenize_records
 STORE_DTYPE = torch.float16  # halves disk and RAM; post-norm states and residuals fit fp16's range
 
 
-def layer_outputs(model: torch.nn.Module, layers: list[int]) -> tuple[dict[int, list], list, list]:
+def layer_outputs(
+    model: torch.nn.Module, layers: list[int], detach: bool = True
+) -> tuple[dict[int, list], list, list]:
     """Register hooks that record the residual stream after each 1-based layer (0 = embeddings) and the
-    post-norm final state; returns (per-layer store, final store, hook handles)."""
+    post-norm final state; returns (per-layer store, final store, hook handles). ``detach=False`` keeps the
+    graph, for losses on the student's own states (``output_hidden_states`` would give the post-norm last one)."""
     store: dict[int, list] = {k: [] for k in layers}
     final: list = []
     handles = []
 
     def grab(k: int):
         def hook(_module, _inputs, output):
-            store[k].append((output[0] if isinstance(output, tuple) else output).detach())
+            h = output[0] if isinstance(output, tuple) else output
+            store[k].append(h.detach() if detach else h)
 
         return hook
 
@@ -37,7 +41,8 @@ def layer_outputs(model: torch.nn.Module, layers: list[int]) -> tuple[dict[int, 
             raise ValueError(f"teacher layer {k} out of range 0..{len(blocks)}")
         module = model.get_input_embeddings() if k == 0 else blocks[k - 1]
         handles.append(module.register_forward_hook(grab(k)))
-    handles.append(final_norm(model).register_forward_hook(lambda _m, _i, out: final.append(out.detach())))
+    handles.append(final_norm(model).register_forward_hook(
+        lambda _m, _i, out: final.append(out.detach() if detach else out)))
     return store, final, handles
 
 
@@ -53,6 +58,10 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def tokens(self) -> dict[str, torch.Tensor]:
+        """The tokenised training rows the teacher saw, in the layout :func:`semalign.training.fit` takes."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "loss_mask": self.loss_mask}
 
     def logits(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Exact teacher logits for rows ``idx`` (float32)."""

@@ -152,7 +152,7 @@ def prefix_forward(
     return out
 
 
-def _teacher_state(cache: TeacherCache, pair: dict, idx: torch.Tensor, T: int, interface: str, dev) -> torch.Tensor:
+def teacher_state(cache: TeacherCache, pair: dict, idx: torch.Tensor, T: int, interface: str, dev) -> torch.Tensor:
     """Σ_l w_l x_l for the pair's teacher layers, x_l = h_l (output) or h_l - h_{l-1} (residual), [b, T, d_T]."""
     total = None
     for l, w in pair["teacher"]:
@@ -310,7 +310,7 @@ class _Stage:
     def target(self, idx: torch.Tensor, T: int) -> torch.Tensor:
         """Aligned teacher quantity [b, T, d_S]: M x (linear, see module doc) or the learned projector."""
         dev = self.head_t.device
-        x = _teacher_state(self.cache, self.pair, idx, T, self.interface, dev)
+        x = teacher_state(self.cache, self.pair, idx, T, self.interface, dev)
         return self.projector(x) if self.projector is not None else align(x, self.m, normalize=False)
 
     def loss(self, micro: torch.Tensor, b: dict[str, torch.Tensor], x: torch.Tensor, h: torch.Tensor):

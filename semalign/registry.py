@@ -21,6 +21,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "semalign.methods.reference",
     "semalign.methods.kd",
     "semalign.methods.semalign",
+    "baselines.lora_sft",
+    "baselines.layerwise_kd",
 )
 
 
@@ -37,6 +39,8 @@ class TransferContext:
     seed: int = 0
     device: str = "cpu"
     teacher_cache: Path | None = None  # cache_teacher output, for methods with uses_teacher_cache
+    max_len: int = 512  # token cutoff and loss masking of the split records (config data.max_len/train_on_inputs),
+    train_on_inputs: bool = False  # the same as the teacher cache's, so every method trains on identical tokens
     extras: dict[str, Path] = field(default_factory=dict)  # further rule inputs (e.g. "pairing": path)
 
 
@@ -71,8 +75,8 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} has no run(): reference rows are evaluated directly")
 
     def begin(self, ctx: TransferContext) -> tuple[Any, Any, Any, Any]:
-        """The common start of a method that learns from the teacher cache: (config, cache, student, tokenizer),
-        after seeding and checking that teacher and student share a vocabulary token for token."""
+        """The common start of a training method: (config, teacher cache or None, student, tokenizer), after
+        seeding and checking that teacher and student share a vocabulary token for token."""
         from semalign.cache import TeacherCache
         from semalign.models import check_same_vocab, load_model
         from semalign.training import set_seed
@@ -80,10 +84,21 @@ class Method:
         cfg = self.config(ctx.params)
         set_seed(ctx.seed)
         check_same_vocab(ctx.teacher, ctx.student)
-        if ctx.teacher_cache is None:
+        if self.uses_teacher_cache and ctx.teacher_cache is None:
             raise ValueError(f"method {self.name!r} needs the teacher cache (uses_teacher_cache)")
+        cache = TeacherCache.load(ctx.teacher_cache) if self.uses_teacher_cache else None
         model, tokenizer = load_model(ctx.student, device=ctx.device, trainable=True)
-        return cfg, TeacherCache.load(ctx.teacher_cache), model, tokenizer
+        return cfg, cache, model, tokenizer
+
+    def split(self, ctx: TransferContext, tokenizer: Any, name: str) -> dict[str, Any]:
+        """Split ``name`` (extract/align/train) tokenised exactly as the teacher cache tokenises train."""
+        from semalign.data import read_jsonl
+        from semalign.training import tokenize_records
+
+        path = ctx.splits / f"{name}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"method {self.name!r}: split file {path} missing (run the splits rule)")
+        return tokenize_records(tokenizer, read_jsonl(path), ctx.max_len, ctx.train_on_inputs)
 
     def save(self, ctx: TransferContext, model: Any, tokenizer: Any, stats: dict[str, Any]) -> Path:
         """The common end of a training method: its stats for the cost table, the model as a prepared dir

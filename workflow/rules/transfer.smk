@@ -37,6 +37,8 @@ rule transfer:
     params:
         method_params=lambda wc: config["method_params"].get(wc.method, {}),
         device=config["device"],
+        max_len=config["data"]["max_len"],
+        train_on_inputs=lambda wc: wc.task in config["data"]["train_on_inputs"],
     log:
         f"{LOGS}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}.log",
     benchmark:

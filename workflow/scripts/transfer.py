@@ -15,6 +15,8 @@ ctx = TransferContext(
     params=dict(snakemake.params.method_params),
     seed=int(wc.seed),
     device=resolve_device(snakemake.params.device),
+    max_len=snakemake.params.max_len,
+    train_on_inputs=snakemake.params.train_on_inputs,
     teacher_cache=Path(inp.cache) if "cache" in inp.keys() else None,
     extras={k: Path(v) for k, v in inp.items() if k not in ("teacher", "student", "splits", "cache")},
 )

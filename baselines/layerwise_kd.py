@@ -1,0 +1,82 @@
+"""Layer-wise distillation (task-aware layer-wise KD, Liang et al., ICML 2023, without its task filters):
+learned linear projectors map student hidden states onto the paired teacher layers, plus output KL.
+
+Loss per batch: KL(p_T || p_S) on answer tokens + lambda_layer * mean_k nMSE(P_k h_S^(k), h_T^(l(k))), over all
+real tokens, where (k, l(k)) are the pairs of the configured pairing (the same files SemAlign reads, so the two
+differ in objective, not in which layers they match) and nMSE is the MSE divided by the teacher state's mean
+square: teacher residual streams carry outlier dimensions of very different scale per layer, and the ratio keeps
+every layer's term O(1). All student layers train together (LoRA or full), the projectors always in full.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from semalign.cache import layer_outputs
+from semalign.frontier import teacher_state
+from semalign.registry import Method, TransferContext, register_method
+from semalign.training import TrainConfig, fit, output_kl, prepare_trainable, shift_mask, trainable_parameters
+
+
+@dataclass
+class LayerwiseKDConfig(TrainConfig):
+    pairing: str = "depth_ratio"  # semalign.pairing strategy; the workflow builds the pairing file it names
+    attribution: str = "grad_x_act"  # only read by the "attributed" pairing
+    lambda_layer: float = 1.0
+    lambda_kl: float = 1.0
+    temperature: float = 1.0
+
+
+def normalised_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_tokens ||pred - target||² / Σ_tokens ||target||² over ``mask`` (1 = a perfect copy costs 0, 0 costs 1)."""
+    m = mask.unsqueeze(-1).to(pred.dtype)
+    return ((pred - target) ** 2 * m).sum() / (target**2 * m).sum().clamp_min(1e-12)
+
+
+def make_projectors(pairs: list[dict], d_student: int, d_teacher: int) -> torch.nn.ModuleDict:
+    """One Linear(d_S -> d_T) per paired student layer, keyed by the layer number."""
+    return torch.nn.ModuleDict({str(p["student"]): torch.nn.Linear(d_student, d_teacher) for p in pairs})
+
+
+@register_method("layerwise_kd")
+class LayerwiseKD(Method):
+    uses_teacher_cache = True
+    config_cls = LayerwiseKDConfig
+
+    def run(self, ctx: TransferContext) -> Path:
+        if "pairing" not in ctx.extras:
+            raise ValueError("layerwise_kd needs ctx.extras['pairing'] (the pairing rule's JSON)")
+        pairs = json.loads(Path(ctx.extras["pairing"]).read_text())["pairs"]
+        cfg, cache, model, tokenizer = self.begin(ctx)
+        d_teacher = cache.head_weight.shape[1]
+        projectors = make_projectors(pairs, model.config.hidden_size, d_teacher).to(next(model.parameters()).device)
+        model = prepare_trainable(model, cfg)
+        store, _, _ = layer_outputs(model, [p["student"] for p in pairs], detach=False)
+
+        def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
+            for v in store.values():
+                v.clear()
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            T, dev = logits.shape[1], logits.device
+            kl = output_kl(logits, cache.logits(rows, dev)[:, :T], shift_mask(b["loss_mask"]), cfg.temperature)
+            layer = sum(
+                normalised_mse(projectors[str(p["student"])](store[p["student"]][0].float()),
+                               teacher_state(cache, p, rows, T, "output", dev), b["attention_mask"])
+                for p in pairs
+            ) / len(pairs)
+            return cfg.lambda_kl * kl + cfg.lambda_layer * layer
+
+        trainables = torch.nn.ModuleDict({"student": model, "projectors": projectors})
+        fit(trainables, cache.tokens(), loss_fn, cfg, ctx.out_dir, ctx.seed, "layerwise_kd",
+            fingerprint={"pairs": pairs})
+        stats = {
+            "trainable_params": trainable_parameters(trainables),
+            "projector_params": sum(p.numel() for p in projectors.parameters()),
+            "pairs": pairs,
+            "config": asdict(cfg),
+            "teacher_forwards": 0,
+        }
+        return self.save(ctx, model, tokenizer, stats)

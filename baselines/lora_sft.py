@@ -1,0 +1,31 @@
+"""LoRA-SFT: the student fine-tuned on the train split's gold answers, no teacher at all.
+
+The control row of every table: a transfer method has moved teacher knowledge only where it beats this row,
+which sees the same data, epochs and trainable budget (SemAlign v1 Table 5 protocol: LoRA r=16 on up/down/v/o).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from semalign.registry import Method, TransferContext, register_method
+from semalign.training import TrainConfig, fit, next_token_ce, prepare_trainable, trainable_parameters
+
+
+@register_method("lora_sft")
+class LoRASFT(Method):
+    config_cls = TrainConfig
+
+    def run(self, ctx: TransferContext) -> Path:
+        cfg, _, model, tokenizer = self.begin(ctx)
+        model = prepare_trainable(model, cfg)
+
+        def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            return next_token_ce(logits, b["input_ids"], b["loss_mask"])
+
+        fit(model, self.split(ctx, tokenizer, "train"), loss_fn, cfg, ctx.out_dir, ctx.seed, "lora_sft")
+        stats = {"trainable_params": trainable_parameters(model), "config": asdict(cfg), "teacher_forwards": 0}
+        return self.save(ctx, model, tokenizer, stats)
