@@ -35,9 +35,20 @@ LETTERS = "ABCD"
 
 # ----------------------------------------------------------------------------------------------------------- io
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Non-empty lines of a jsonl file as dicts."""
+    """Non-empty lines of a jsonl file as dicts; a malformed line is an error naming the file and line."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    return records
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -98,7 +98,10 @@ class Method:
         path = ctx.splits / f"{name}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"method {self.name!r}: split file {path} missing (run the splits rule)")
-        return tokenize_records(tokenizer, read_jsonl(path), ctx.max_len, ctx.train_on_inputs)
+        records = read_jsonl(path)
+        if not records:
+            raise ValueError(f"method {self.name!r}: split file {path} is empty")
+        return tokenize_records(tokenizer, records, ctx.max_len, ctx.train_on_inputs)
 
     def save(self, ctx: TransferContext, model: Any, tokenizer: Any, stats: dict[str, Any]) -> Path:
         """The common end of a training method: its stats for the cost table, the model as a prepared dir

@@ -229,7 +229,8 @@ def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modu
     return model
 
 
-def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Constant, or linear warmup over ``warmup_ratio`` of the steps then linear decay to 0 (HF's default)."""
     warmup = int(cfg.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
@@ -269,7 +270,7 @@ def fit(
     batch_size = min(cfg.batch_size, n)
     steps_per_epoch = -(-n // batch_size)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, cfg, cfg.epochs * steps_per_epoch)
+    sched = lr_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     ckpt = checkpoint_dir(out_dir, {"config": cfg.fingerprint(), "seed": seed, **(fingerprint or {})}) / "last.pt"
     start_epoch, curve = 0, []
     if ckpt.exists():  # resume: trainable weights, optimizer, schedule and curve of the last finished epoch

@@ -141,3 +141,11 @@ def test_offline_without_local_data_errors(monkeypatch):
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'math'"):
         data.load_test_set("math")
+
+
+@pytest.mark.parametrize("line, culprit", [('{"id": 1', "malformed JSON"), ("[1, 2]", "expected a JSON object")])
+def test_malformed_jsonl_names_file_and_line(tmp_path, line, culprit):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"id": 0}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"train.jsonl:3: {culprit}"):
+        data.read_jsonl(path)

@@ -70,3 +70,62 @@ def test_method_config_rejects_unknown():
         kd.config({"trainable": "some"})
     with pytest.raises(ValueError, match="takes no parameters"):
         get_method("none").config({"x": 1})
+
+
+def _toy_data(n: int = 6) -> dict[str, torch.Tensor]:
+    ids = torch.arange(n * 4).reshape(n, 4) % 7
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+
+
+def test_fit_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from semalign.training import TrainConfig, fit
+
+    model = torch.nn.Linear(4, 1)
+    poison = {"on": False}
+
+    def loss_fn(rows, b):
+        loss = model(b["input_ids"].float()).pow(2).mean()
+        return loss * float("nan") if poison["on"] else loss
+
+    cfg = TrainConfig(trainable="full", epochs=1, batch_size=3, micro_batch_size=3, lr=1e-2)
+    fit(model, _toy_data(), loss_fn, cfg, tmp_path, seed=0, tag="toy")
+    (ckpt,) = tmp_path.glob("ckpt/*/last.pt")
+    good = torch.load(ckpt, weights_only=False)
+    poison["on"] = True
+    cfg.epochs = 2  # constant schedule: extending resumes the same checkpoint
+    with pytest.raises(FloatingPointError, match="toy epoch 2 step 0"):
+        fit(model, _toy_data(), loss_fn, cfg, tmp_path, seed=0, tag="toy")
+    kept = torch.load(ckpt, weights_only=False)
+    assert kept["epoch"] == 1 and all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+
+
+def test_linear_schedule_warms_up_and_decays():
+    from semalign.training import TrainConfig, lr_schedule
+
+    cfg = TrainConfig(lr=1.0, schedule="linear", warmup_ratio=0.25)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = lr_schedule(opt, cfg, total_steps=8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # 2 warmup steps (0.5, 1.0), then linear decay over the remaining 6: 1, 5/6, ..., 1/6
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+
+
+def test_train_config_rejects_bad_values():
+    from semalign.training import TrainConfig
+
+    for bad in ({"trainable": "half"}, {"schedule": "cosine"}, {"epochs": 0}, {"warmup_ratio": 1.0}):
+        with pytest.raises(ValueError, match="TrainConfig"):
+            TrainConfig(**bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_requested_without_gpu_is_one_clear_error():
+    from semalign.pipeline import resolve_device
+
+    with pytest.raises(RuntimeError, match="device='cuda' requested but no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
