@@ -5,6 +5,9 @@ import json
 import resource
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +31,46 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextmanager
+def count_layer_passes(roles: dict[str, tuple[int, int]]) -> Iterator[Counter]:
+    """Count decoder-layer passes of every model run inside the block, whoever runs it (method code, peft,
+    frozen prefixes): ``{role}_layer_forward_rows`` / ``_tokens`` and ``{role}_layer_backward_rows``, where a
+    row is one example through one layer. Models are told apart by (num_layers, hidden_size) in ``roles``;
+    a layer of any other shape counts as ``other``. The cost table divides these by layers x examples."""
+    counts: Counter = Counter()
+    shape_role = {shape: role for role, shape in roles.items()}
+
+    def hook(module: torch.nn.Module, _args: Any, output: Any) -> None:
+        cfg = getattr(getattr(module, "self_attn", None), "config", None)
+        if cfg is None or not type(module).__name__.endswith("DecoderLayer"):
+            return
+        role = shape_role.get((cfg.num_hidden_layers, cfg.hidden_size), "other")
+        h = output[0] if isinstance(output, tuple) else output
+        counts[f"{role}_layer_forward_rows"] += h.shape[0]
+        counts[f"{role}_layer_forward_tokens"] += h.shape[0] * h.shape[1]
+        if h.requires_grad:
+            h.register_hook(lambda g: counts.update({f"{role}_layer_backward_rows": g.shape[0]}))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
 def run_transfer(method: str, ctx: TransferContext, out_json: Path) -> dict[str, Any]:
     """Run one method and record what it cost; ``transfer.json`` is written last, so it marks completion."""
+    from semalign.models import load_manifest
+
     impl = get_method(method)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    shapes = {role: (m["num_layers"], m["hidden_size"])
+              for role, m in (("teacher", load_manifest(ctx.teacher)), ("student", load_manifest(ctx.student)))}
     t0 = time.perf_counter()
-    model_path = impl.run(ctx)
+    with count_layer_passes(shapes) as passes:
+        model_path = impl.run(ctx)
     wall = time.perf_counter() - t0
     stats_file = ctx.out_dir / "train_stats.json"
     record = {
@@ -47,6 +82,7 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path) -> dict[str,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         "params": ctx.params,
+        "layer_passes": dict(passes),
         **(json.loads(stats_file.read_text()) if stats_file.exists() else {"trainable_params": 0}),
     }
     atomic_write_text(out_json, json.dumps(record, indent=2))

@@ -72,3 +72,19 @@ def test_kd_changed_config_starts_fresh(tiny_pair, cache, tmp_path):
     _kd(tiny_pair, cache, tmp_path, "run", epochs=1, trainable="full")
     _kd(tiny_pair, cache, tmp_path, "run", epochs=1, trainable="full", lr=5e-3)
     assert len(list((tmp_path / "run" / "ckpt").glob("*/last.pt"))) == 2
+
+
+def test_run_transfer_counts_layer_passes(tiny_pair, cache, tmp_path):
+    """The cost record counts every student-layer pass: KD runs all 2 layers forward and backward once per
+    example and epoch, and never runs the teacher (its logits come from the cache)."""
+    from semalign.pipeline import run_transfer
+
+    teacher, student = tiny_pair
+    ctx = TransferContext(teacher=teacher, student=student, splits=tmp_path, task="gsm8k", out_dir=tmp_path / "kd",
+                          teacher_cache=cache, params={"epochs": 2, "batch_size": 4, "micro_batch_size": 2})
+    record = run_transfer("kd", ctx, tmp_path / "kd" / "transfer.json")
+    n, layers, epochs = 6, 2, 2
+    passes = record["layer_passes"]
+    assert passes["student_layer_forward_rows"] == n * layers * epochs
+    assert passes["student_layer_backward_rows"] == n * layers * epochs
+    assert not any(k.startswith(("teacher", "other")) for k in passes)
