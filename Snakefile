@@ -12,6 +12,7 @@ include: "workflow/rules/semalign.smk"
 include: "workflow/rules/transfer.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/bench.smk"
 
 
 rule all:

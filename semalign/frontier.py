@@ -18,8 +18,6 @@ ACL (read out through RMSNorm), and would distort v2's centring, so we do not ap
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from transformers.masking_utils import create_causal_mask
 
 from semalign.bases import align
 from semalign.cache import TeacherCache
-from semalign.data import atomic_write_text
+from semalign.data import write_csv
 from semalign.losses import DEFAULT_INTERFACE, LOSSES, layer_loss
 from semalign.models import decoder_layers, embed_tokens, final_norm, lm_head
 from semalign.pairing import teacher_layers_needed, validate_pairing
@@ -167,14 +165,6 @@ def _read_out(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     return lm_head(model)(final_norm(model)(h))
 
 
-def _write_curve(out_dir: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out_dir / "loss_curve.csv", buf.getvalue())
-
-
 def train_frontier(
     model: torch.nn.Module,
     cache: TeacherCache,
@@ -283,10 +273,10 @@ def train_frontier(
         curve += stage_rows
         layer_state = {key: v.detach().clone() for key, v in layers[k - 1].state_dict().items()}
         atomic_torch_save({"stage": k, "layer": layer_state, "curve": stage_rows}, ckpt / f"stage_{k}.pt")
-        _write_curve(out_dir, curve)
+        write_csv(out_dir / "loss_curve.csv", curve, CURVE_FIELDS)
         if cfg.stop_after_stage == k and k != stages[-1]:
             raise StageLimitReached(f"stopped after stage {k} (stop_after_stage); re-run to resume from it")
-    _write_curve(out_dir, curve)
+    write_csv(out_dir / "loss_curve.csv", curve, CURVE_FIELDS)
     return model
 
 

@@ -83,6 +83,7 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path) -> dict[str,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         "params": ctx.params,
         "layer_passes": dict(passes),
+        "uses_teacher_cache": impl.uses_teacher_cache,
         **(json.loads(stats_file.read_text()) if stats_file.exists() else {"trainable_params": 0}),
     }
     atomic_write_text(out_json, json.dumps(record, indent=2))

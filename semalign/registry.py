@@ -23,6 +23,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "semalign.methods.semalign",
     "baselines.lora_sft",
     "baselines.layerwise_kd",
+    "baselines.laten",
 )
 
 
@@ -90,10 +91,9 @@ class Method:
         model, tokenizer = load_model(ctx.student, device=ctx.device, trainable=True)
         return cfg, cache, model, tokenizer
 
-    def split(self, ctx: TransferContext, tokenizer: Any, name: str) -> dict[str, Any]:
-        """Split ``name`` (extract/align/train) tokenised exactly as the teacher cache tokenises train."""
+    def records(self, ctx: TransferContext, name: str) -> list[dict]:
+        """The raw records of split ``name`` (extract/align/train); a missing or empty file names itself."""
         from semalign.data import read_jsonl
-        from semalign.training import tokenize_records
 
         path = ctx.splits / f"{name}.jsonl"
         if not path.exists():
@@ -101,7 +101,13 @@ class Method:
         records = read_jsonl(path)
         if not records:
             raise ValueError(f"method {self.name!r}: split file {path} is empty")
-        return tokenize_records(tokenizer, records, ctx.max_len, ctx.train_on_inputs)
+        return records
+
+    def split(self, ctx: TransferContext, tokenizer: Any, name: str) -> dict[str, Any]:
+        """Split ``name`` tokenised exactly as the teacher cache tokenises train."""
+        from semalign.training import tokenize_records
+
+        return tokenize_records(tokenizer, self.records(ctx, name), ctx.max_len, ctx.train_on_inputs)
 
     def save(self, ctx: TransferContext, model: Any, tokenizer: Any, stats: dict[str, Any]) -> Path:
         """The common end of a training method: its stats for the cost table, the model as a prepared dir

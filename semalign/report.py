@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from semalign.data import atomic_write_text  # noqa: E402
+
 TASK_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval", "mbpp": "MBPP"}
 ROW_LABELS = {"teacher": "teacher", "none": "student (no transfer)"}
 
@@ -77,10 +79,38 @@ def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str]) -> p
 
 def write_table(df: pd.DataFrame, stem: Path, title: str) -> None:
     """csv for machines, md for the README/report, tex for the paper."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(stem.with_suffix(".csv"), index=False)
-    stem.with_suffix(".md").write_text(f"### {title}\n\n" + df.to_markdown(index=False) + "\n")
-    stem.with_suffix(".tex").write_text(df.to_latex(index=False, escape=True, caption=title))
+    atomic_write_text(stem.with_suffix(".csv"), df.to_csv(index=False))
+    atomic_write_text(stem.with_suffix(".md"), f"### {title}\n\n" + df.to_markdown(index=False) + "\n")
+    atomic_write_text(stem.with_suffix(".tex"), df.to_latex(index=False, escape=True, caption=title))
+
+
+def cost_table(records: list[dict], n_examples: int, layers: dict[str, int], cache_forwards: int,
+               reference: str = "kd") -> pd.DataFrame:
+    """What each transfer cost (from ``run_transfer`` records): wall time and its ratio to ``reference``, peak
+    memory, trainable parameters, teacher forwards per training example (the shared cache's, when the method
+    reads it, plus its own), student decoder-layer forward/backward passes per example (a pass = one example
+    through one layer; L_S x epochs for plain training, fewer for a frontier schedule), and student throughput
+    in model-equivalent tokens per second (layer-token forwards / L_S / wall)."""
+    rows = []
+    for r in records:
+        c = r.get("layer_passes", {})
+        own_teacher = c.get("teacher_layer_forward_rows", 0) / (layers["teacher"] * n_examples)
+        rows.append({
+            "method": r["method"],
+            "wall (s)": round(r["wall_seconds"], 1),
+            "peak RSS (MB)": round(r["peak_rss_mb"]),
+            "peak GPU (MB)": round(r["peak_gpu_mb"]),
+            "trainable params": r.get("trainable_params", 0),
+            "teacher fwd / example": round(own_teacher + (cache_forwards / n_examples if r.get("uses_teacher_cache")
+                                                          else 0.0), 2),
+            "student layer fwd / example": round(c.get("student_layer_forward_rows", 0) / n_examples, 1),
+            "student layer bwd / example": round(c.get("student_layer_backward_rows", 0) / n_examples, 1),
+            "tokens/s": round(c.get("student_layer_forward_tokens", 0) / layers["student"] / r["wall_seconds"]),
+        })
+    df = pd.DataFrame(rows)
+    if reference in set(df["method"]):
+        df.insert(2, f"wall / {reference}", (df["wall (s)"] / float(df.loc[df["method"] == reference, "wall (s)"].iloc[0])).round(2))
+    return df
 
 
 def model_table(manifests: dict[str, str | Path]) -> pd.DataFrame:

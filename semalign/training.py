@@ -5,9 +5,7 @@ only in their objective.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import random
@@ -21,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from semalign.data import atomic_write_text
+from semalign.data import write_csv
 
 # Open-Instruct / Tulu format: what the PKT protocol data was written for; used when a tokenizer has no template.
 TULU_USER, TULU_ASSISTANT = "<|user|>\n", "<|assistant|>\n"
@@ -35,7 +33,7 @@ def set_seed(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def _render(tokenizer: Any, messages: list[dict]) -> tuple[str, str]:
+def render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, str]:
     """(prompt, full) texts; the answer is ``full[len(prompt):]``, so loss masks cover exactly the answer."""
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
@@ -63,7 +61,7 @@ def tokenize_records(
         messages = rec.get("messages")
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError(f"record {i} (id={rec.get('id')}) has no final assistant message")
-        prompt, full = _render(tokenizer, messages)
+        prompt, full = render_chat(tokenizer, messages)
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
         mask = [1 if (train_on_inputs or j >= n_prompt) else 0 for j in range(len(ids))]
@@ -299,9 +297,5 @@ def fit(
         weights = {k: v for k, v in module.state_dict().items() if k in trainable}
         atomic_torch_save({"epoch": epoch + 1, "model": weights, "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "curve": curve}, ckpt)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["epoch", "step", "loss"])
-    w.writeheader()
-    w.writerows(curve)
-    atomic_write_text(Path(out_dir) / "loss_curve.csv", buf.getvalue())
+    write_csv(Path(out_dir) / "loss_curve.csv", curve, ["epoch", "step", "loss"])
     return curve

@@ -1,6 +1,7 @@
 # Config loading, validation and every input function. Rules only name what they need.
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from snakemake.utils import validate
@@ -119,6 +120,26 @@ def transfer_inputs(wc) -> dict:
         inputs["pairing"] = pairing
     if getattr(method_config(wc.method), "recompose", None) == "semantic":
         inputs["aligned_map"] = f"{R}/bases/{wc.pair}/aligned_map.pt"
+    return inputs
+
+
+def trained_methods() -> list[str]:
+    return [m for m in METHODS if not method_cls(m).reference]
+
+
+def bench_target() -> tuple[str, str]:
+    """The (pair, task) of the transfer-cost benchmark: the first pair, on GSM8K when it is configured."""
+    return next(iter(config["pairs"])), "gsm8k" if "gsm8k" in TASKS else TASKS[0]
+
+
+def cost_inputs(_wc) -> dict:
+    """Every trained method's transfer inputs on the benchmark's (pair, task), keyed ``<method>__<input>``."""
+    pair, task = bench_target()
+    inputs = {"cache": f"{R}/cache/{pair}/{task}/teacher.pt",
+              "cache_benchmark": f"{BENCH}/cache_teacher/{pair}/{task}.tsv"}
+    for m in trained_methods():
+        wc = SimpleNamespace(pair=pair, task=task, method=m)
+        inputs.update({f"{m}__{k}": v for k, v in transfer_inputs(wc).items()})
     return inputs
 
 

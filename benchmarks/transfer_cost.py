@@ -1,0 +1,96 @@
+"""Transfer cost of every method on one (pair, task): same data, same epochs, each method in a fresh process.
+
+A fresh process per method makes peak RSS and GPU memory each method's own (a shared process only ever reports
+the largest so far) and stops one method's allocator state or threads from slowing the next. The inputs are
+what the DAG builds (prepared models, splits, pairings, the teacher cache), so run it through the workflow:
+
+    snakemake --cores all results/mini/bench/transfer_cost.md
+
+Writes ``results/<profile>/bench/transfer_cost.{json,md,csv,tex}``: per method wall time and its ratio to KD,
+peak memory, trainable parameters, teacher forwards and student layer passes per example, and throughput
+(see :func:`semalign.report.cost_table`). The cache's one teacher forward per example is counted once, in the
+rows of the methods that read it, and its build time is reported beside the table (it is shared by them).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BASE_KEYS = ("teacher", "student", "splits", "cache")
+
+
+def child(spec_file: Path) -> None:
+    """Run one method, as the transfer rule would, and write its cost record."""
+    from semalign.pipeline import run_transfer
+    from semalign.registry import TransferContext
+
+    spec = json.loads(spec_file.read_text())
+    inputs = {k: Path(v) for k, v in spec["inputs"].items()}
+    ctx = TransferContext(
+        teacher=inputs["teacher"].parent,
+        student=inputs["student"].parent,
+        splits=inputs["splits"].parent,
+        task=spec["task"],
+        out_dir=Path(spec["out_dir"]),
+        params=spec["params"],
+        seed=spec["seed"],
+        device=spec["device"],
+        max_len=spec["max_len"],
+        train_on_inputs=spec["train_on_inputs"],
+        teacher_cache=inputs.get("cache"),
+        extras={k: v for k, v in inputs.items() if k not in BASE_KEYS},
+    )
+    run_transfer(spec["method"], ctx, ctx.out_dir / "transfer.json")
+
+
+def run_all(smk) -> None:
+    """Each method in its own ``python -m benchmarks.transfer_cost --child`` process, then the table."""
+    import torch
+
+    from semalign.data import atomic_write_text
+    from semalign.models import load_manifest
+    from semalign.pipeline import resolve_device
+    from semalign.report import cost_table, write_table
+
+    p, out_json = smk.params, Path(smk.output.json)
+    work = out_json.parent / "transfer_cost"
+    device = resolve_device(p.device)
+    records = []
+    for method in p.methods:
+        inputs = {k.split("__", 1)[1]: v for k, v in smk.input.items() if k.startswith(f"{method}__")}
+        spec = {"method": method, "task": p.task, "inputs": inputs, "out_dir": str(work / method),
+                "params": p.method_params.get(method, {}), "seed": p.seed, "device": device,
+                "max_len": p.max_len, "train_on_inputs": p.train_on_inputs}
+        spec_file = work / method / "spec.json"
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        spec_file.write_text(json.dumps(spec, indent=2))
+        print(f"[transfer_cost] {method} ...", flush=True)
+        with open(work / method / "run.log", "w") as log:
+            subprocess.run([sys.executable, "-m", "benchmarks.transfer_cost", "--child", str(spec_file)],
+                           stdout=log, stderr=subprocess.STDOUT, check=True)
+        records.append(json.loads((work / method / "transfer.json").read_text()))
+    teacher, student = (load_manifest(Path(smk.input[f"{p.methods[0]}__{r}"]).parent) for r in ("teacher", "student"))
+    cache = torch.load(smk.input.cache, map_location="cpu", mmap=True, weights_only=True)
+    n = len(cache["input_ids"])
+    table = cost_table(records, n, {"teacher": teacher["num_layers"], "student": student["num_layers"]},
+                       cache["meta"]["forward_passes"])
+    cache_seconds = float(Path(smk.input.cache_benchmark).read_text().splitlines()[1].split("\t")[0])
+    title = (f"Transfer cost, {p.pair} / {p.task}, {n} training examples, device {device}; the shared teacher "
+             f"cache took {cache_seconds:.0f} s ({cache['meta']['forward_passes']} teacher forwards)")
+    write_table(table, out_json.with_suffix(""), title)
+    atomic_write_text(out_json, json.dumps({"title": title, "cache_seconds": cache_seconds,
+                                            "rows": table.to_dict("records"), "records": records}, indent=2))
+
+
+if __name__ == "__main__":
+    if "snakemake" in globals():
+        from semalign.pipeline import start_job
+
+        start_job(snakemake)  # noqa: F821
+        run_all(snakemake)  # noqa: F821
+    else:
+        parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+        parser.add_argument("--child", type=Path, required=True, help="spec JSON written by the transfer_cost rule")
+        child(parser.parse_args().child)
