@@ -58,6 +58,9 @@ class LaTenConfig:
     init_std: float = 1e-5
     modules: tuple[str, ...] = MODULES
     pct_start: float = 0.1
+    # optimizer steps = the first `steps` extract examples; None = all of them (upstream). SemAlign v1 Table 4
+    # ran the LaTen protocol with 2/4/3/8 steps (MMLU/GSM8K/HumanEval/MBPP)
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         self.betas, self.modules = tuple(self.betas), tuple(self.modules)
@@ -67,6 +70,8 @@ class LaTenConfig:
             raise ValueError(f"LaTenConfig.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0.0 < self.transfer_rate <= 1.0 or not 0.0 < self.pct_start < 1.0:
             raise ValueError("LaTenConfig: transfer_rate must be in (0, 1] and pct_start in (0, 1)")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"LaTenConfig.steps must be >= 1 or null, got {self.steps}")
         if self.samples_per_step < 1:
             raise ValueError(f"LaTenConfig.samples_per_step must be >= 1, got {self.samples_per_step}")
         if not self.modules or len(set(self.modules)) != len(self.modules) or not set(self.modules) <= set(MODULES):
@@ -330,7 +335,7 @@ class LaTen(Method):
 
         translator = KnowledgeTranslator(cfg.modules, teacher.config.hidden_size, student.config.hidden_size,
                                          cfg.init_std).to(dev)
-        steps = len(extract_records)
+        steps = min(cfg.steps or len(extract_records), len(extract_records))
         opt = torch.optim.AdamW(translator.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         # upstream's schedule, including OneCycleLR's default momentum cycling (beta1 between 0.85 and 0.95)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.pct_start,

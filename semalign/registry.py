@@ -23,6 +23,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "semalign.methods.semalign",
     "baselines.lora_sft",
     "baselines.layerwise_kd",
+    "baselines.seeking",
     "baselines.laten",
 )
 

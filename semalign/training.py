@@ -155,7 +155,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path, manifest: 
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    manifest = {**manifest, "n_params": sum(p.numel() for p in model.parameters())}
+    manifest = {**manifest, "n_params": sum(p.numel() for p in model.parameters()),
+                "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False))}  # Seeking unties
     return save_prepared(model, tokenizer, manifest, out_dir)
 
 

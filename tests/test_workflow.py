@@ -84,15 +84,18 @@ def test_smoke_dag_end_to_end(tmp_path):
 
     tables = work / "results" / "smoke" / "tables"
     main = pd.read_csv(tables / "main.csv")
-    assert list(main["method"]) == ["teacher", "student (no transfer)", "kd", "semalign", "kd_sft"]
+    assert list(main["method"]) == ["teacher", "student (no transfer)", "lora_sft", "kd", "layerwise_kd", "seeking",
+                                    "laten", "semalign", "kd_sft"]
     for col in ["MMLU acc", "GSM8K acc", "HumanEval pass@1", "MBPP pass@1"]:
         assert main[col].notna().all(), col
         assert main[col].astype(float).between(0, 100).all(), col
     for col in ["MMLU NLL", "GSM8K NLL", "HumanEval NLL", "MBPP NLL"]:
         nll = main[col].astype(float)
         assert (nll > 0).all() and nll.map(float.__abs__).lt(1e4).all(), col
-    # distillation must move the student's answer NLL: the table reflects real training, not a copy
-    assert (main.loc[main.method == "kd", "MMLU NLL"].item() != main.loc[main.method.str.startswith("student"), "MMLU NLL"].item())
+    # every trained method must move the student's answer NLL: the table reflects real training, not a copy
+    student_nll = main.loc[main.method.str.startswith("student"), "MMLU NLL"].item()
+    for method in ["lora_sft", "kd", "layerwise_kd", "seeking", "laten", "semalign"]:
+        assert main.loc[main.method == method, "MMLU NLL"].item() != student_nll, method
     assert "small-scale profile 'smoke'" in (tables / "main.md").read_text()
     models = pd.read_csv(tables / "models.csv")
     assert set(models["layers"]) == {4, 2} and (models["vocab"] == 49152).all()
@@ -108,6 +111,18 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert set(stages["stage"]) == {1, 2} and stages["total"].notna().all()
     assert any((work / "logs" / "smoke" / "transfer").rglob("*.log"))
     assert any((work / "results" / "smoke" / "benchmarks" / "transfer").rglob("*.tsv"))
+    transfer = work / "results" / "smoke" / "transfer" / "tiny" / "gsm8k"
+    assert (transfer / "laten" / "seed0" / "delta.pt").exists()
+    assert len(pd.read_csv(transfer / "seeking" / "seed0" / "layer_sensitivity.csv")) == 4
+    # the cost benchmark reuses the DAG's inputs and re-runs every trained method in its own process
+    bench = snakemake(work, cfg, "--cores", "2", "--", "results/smoke/bench/transfer_cost.md", env=env)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    cost = json.loads((work / "results" / "smoke" / "bench" / "transfer_cost.json").read_text())
+    rows = {r["method"]: r for r in cost["rows"]}
+    assert set(rows) == {"lora_sft", "kd", "layerwise_kd", "seeking", "laten", "semalign", "kd_sft"}
+    assert rows["kd"]["wall / kd"] == 1.0 and rows["kd"]["teacher fwd / example"] == 1.0
+    assert rows["lora_sft"]["teacher fwd / example"] == 0.0 and rows["seeking"]["teacher fwd / example"] > 0
+    assert rows["kd"]["student layer bwd / example"] == 2.0  # 2 layers x 1 epoch
     # the README's report command (regression: it once failed for want of --cores)
     report = snakemake(work, cfg, "--report", "results/smoke/report.html", env=env)
     assert report.returncode == 0, report.stderr[-3000:]
