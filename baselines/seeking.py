@@ -25,9 +25,7 @@ Where this differs from the upstream code (see baselines-digest §1), on purpose
 """
 from __future__ import annotations
 
-import csv
 import gc
-import io
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from semalign.data import atomic_write_text
+from semalign.data import write_csv
 from semalign.models import decoder_layers, load_model
 from semalign.registry import Method, TransferContext, register_method
 from semalign.training import (
@@ -296,12 +294,9 @@ class Seeking(Method):
             torch.cuda.empty_cache()
 
         selected = ext["selected"]
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["teacher_layer", "score", "student_layer"])
-        for l, score in enumerate(ext["scores"]):
-            writer.writerow([l + 1, score, selected.index(l) + 1 if l in selected else ""])
-        atomic_write_text(ctx.out_dir / "layer_sensitivity.csv", buf.getvalue())
+        rows = [{"teacher_layer": l + 1, "score": score, "student_layer": selected.index(l) + 1 if l in selected else ""}
+                for l, score in enumerate(ext["scores"])]
+        write_csv(ctx.out_dir / "layer_sensitivity.csv", rows, ["teacher_layer", "score", "student_layer"])
 
         model = inject(model, ext["factors"], cfg)
 

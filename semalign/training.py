@@ -116,9 +116,11 @@ def output_kl(
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the answer tokens (the SFT loss), mean over scored tokens."""
+    """Cross-entropy of the answer tokens (the SFT loss), mean over scored tokens; 0 (not NaN) for rows whose
+    answer was truncated away, which then simply contribute nothing (as ``output_kl`` does)."""
     pred_mask = shift_mask(loss_mask)[:, :-1].bool()
-    return F.cross_entropy(logits[:, :-1][pred_mask].float(), input_ids[:, 1:][pred_mask])
+    ce = F.cross_entropy(logits[:, :-1][pred_mask].float(), input_ids[:, 1:][pred_mask], reduction="sum")
+    return ce / pred_mask.sum().clamp_min(1)
 
 
 def apply_lora(

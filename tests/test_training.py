@@ -129,3 +129,15 @@ def test_cuda_requested_without_gpu_is_one_clear_error():
     with pytest.raises(RuntimeError, match="device='cuda' requested but no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto") == "cpu"
+
+
+def test_ce_of_rows_without_answer_tokens_is_zero_not_nan():
+    """Regression: a micro-batch whose answers were all truncated away made LaTen's step NaN."""
+    from semalign.training import next_token_ce
+
+    logits, ids = torch.randn(2, 5, 11, requires_grad=True), torch.randint(0, 11, (2, 5))
+    assert next_token_ce(logits, ids, torch.zeros(2, 5, dtype=torch.long)).item() == 0.0
+    mask = torch.zeros(2, 5, dtype=torch.long)
+    mask[0, 2:] = 1
+    expected = torch.nn.functional.cross_entropy(logits[0, 1:4], ids[0, 2:5])
+    assert torch.allclose(next_token_ce(logits, ids, mask), expected)

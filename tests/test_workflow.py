@@ -41,12 +41,31 @@ def profile(name: str) -> dict:
     return yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["smoke", "mini", "paper"])
+PROFILES = sorted(p.stem for p in (REPO / "config").glob("*.yaml"))
+
+
+def test_profiles_present():
+    assert {"smoke", "mini", "paper", "smollm2", "qwen2.5", "llama3.2"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
 def test_dry_run_every_profile_offline(tmp_path, name):
     """Building the DAG loads no model and no dataset: it works on a machine without network (like this one)."""
     res = snakemake(tmp_path, profile(name), "-n", "--quiet", "rules")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "evaluate" in res.stdout and "transfer" in res.stdout
+
+
+def test_slurm_profile_names_only_real_rules(tmp_path):
+    """A typo in the cluster profile's per-rule resources would silently fall back to the defaults."""
+    slurm = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert slurm["executor"] == "slurm"
+    res = snakemake(tmp_path, profile("paper"), "--list-rules")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rules = set(res.stdout.split())
+    named = set(slurm["set-resources"]) | set(slurm["set-threads"])
+    assert named <= rules, named - rules
+    assert {"transfer", "cache_teacher", "evaluate"} <= named
 
 
 @pytest.mark.parametrize(
@@ -93,8 +112,9 @@ def test_smoke_dag_end_to_end(tmp_path):
         nll = main[col].astype(float)
         assert (nll > 0).all() and nll.map(float.__abs__).lt(1e4).all(), col
     # every trained method must move the student's answer NLL: the table reflects real training, not a copy
+    # (LaTen's delta is ~0 by design at init and under its 1000 x MSE pull: checked on the weights below)
     student_nll = main.loc[main.method.str.startswith("student"), "MMLU NLL"].item()
-    for method in ["lora_sft", "kd", "layerwise_kd", "seeking", "laten", "semalign"]:
+    for method in ["lora_sft", "kd", "layerwise_kd", "seeking", "semalign"]:
         assert main.loc[main.method == method, "MMLU NLL"].item() != student_nll, method
     assert "small-scale profile 'smoke'" in (tables / "main.md").read_text()
     models = pd.read_csv(tables / "models.csv")
@@ -112,7 +132,7 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert any((work / "logs" / "smoke" / "transfer").rglob("*.log"))
     assert any((work / "results" / "smoke" / "benchmarks" / "transfer").rglob("*.tsv"))
     transfer = work / "results" / "smoke" / "transfer" / "tiny" / "gsm8k"
-    assert (transfer / "laten" / "seed0" / "delta.pt").exists()
+    assert json.loads((transfer / "laten" / "seed0" / "train_stats.json").read_text())["delta_nonzero"] > 0
     assert len(pd.read_csv(transfer / "seeking" / "seed0" / "layer_sensitivity.csv")) == 4
     # the cost benchmark reuses the DAG's inputs and re-runs every trained method in its own process
     bench = snakemake(work, cfg, "--cores", "2", "--", "results/smoke/bench/transfer_cost.md", env=env)
