@@ -47,12 +47,9 @@ def child(spec_file: Path) -> None:
 
 def run_all(smk) -> None:
     """Each method in its own ``python -m benchmarks.transfer_cost --child`` process, then the table."""
-    import torch
-
     from semalign.data import atomic_write_text
-    from semalign.models import load_manifest
     from semalign.pipeline import resolve_device
-    from semalign.report import cost_table, write_table
+    from semalign.report import cost_table, run_facts, write_table
 
     p, out_json = smk.params, Path(smk.output.json)
     work = out_json.parent / "transfer_cost"
@@ -71,14 +68,13 @@ def run_all(smk) -> None:
             subprocess.run([sys.executable, "-m", "benchmarks.transfer_cost", "--child", str(spec_file)],
                            stdout=log, stderr=subprocess.STDOUT, check=True)
         records.append(json.loads((work / method / "transfer.json").read_text()))
-    teacher, student = (load_manifest(Path(smk.input[f"{p.methods[0]}__{r}"]).parent) for r in ("teacher", "student"))
-    cache = torch.load(smk.input.cache, map_location="cpu", mmap=True, weights_only=True)
-    n = len(cache["input_ids"])
-    table = cost_table(records, n, {"teacher": teacher["num_layers"], "student": student["num_layers"]},
-                       cache["meta"]["forward_passes"])
+    first = p.methods[0]
+    facts = run_facts(Path(smk.input[f"{first}__splits"]).parent / "train.jsonl", smk.input[f"{first}__teacher"],
+                      smk.input[f"{first}__student"], smk.input.cache)
+    table = cost_table([{**r, "pair": p.pair} for r in records], {(p.pair, p.task): facts})
     cache_seconds = float(Path(smk.input.cache_benchmark).read_text().splitlines()[1].split("\t")[0])
-    title = (f"Transfer cost, {p.pair} / {p.task}, {n} training examples, device {device}; the shared teacher "
-             f"cache took {cache_seconds:.0f} s ({cache['meta']['forward_passes']} teacher forwards)")
+    title = (f"Transfer cost, {p.pair} / {p.task}, {facts['n_train']} training examples, device {device}; the "
+             f"shared teacher cache took {cache_seconds:.0f} s ({facts['cache_forwards']} teacher forwards)")
     write_table(table, out_json.with_suffix(""), title)
     atomic_write_text(out_json, json.dumps({"title": title, "cache_seconds": cache_seconds,
                                             "rows": table.to_dict("records"), "records": records}, indent=2))

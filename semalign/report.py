@@ -84,33 +84,65 @@ def write_table(df: pd.DataFrame, stem: Path, title: str) -> None:
     atomic_write_text(stem.with_suffix(".tex"), df.to_latex(index=False, escape=True, caption=title))
 
 
-def cost_table(records: list[dict], n_examples: int, layers: dict[str, int], cache_forwards: int,
-               reference: str = "kd") -> pd.DataFrame:
-    """What each transfer cost (from ``run_transfer`` records): wall time and its ratio to ``reference``, peak
-    memory, trainable parameters, teacher forwards per training example (the shared cache's, when the method
-    reads it, plus its own), student decoder-layer forward/backward passes per example (a pass = one example
-    through one layer; L_S x epochs for plain training, fewer for a frontier schedule), and student throughput
-    in model-equivalent tokens per second (layer-token forwards / L_S / wall)."""
+def cost_table(records: list[dict], runs: dict[tuple[str, str], dict], reference: str = "kd") -> pd.DataFrame:
+    """What each transfer cost, from ``run_transfer`` records (each with its ``pair``), mean over seeds:
+    wall time and its ratio to ``reference`` on the same pair and task, peak memory, trainable parameters,
+    teacher forwards per training example (the shared cache's, when the method reads it, plus its own),
+    student decoder-layer forward/backward passes per example (a pass = one example through one layer:
+    L_S x epochs for plain training, other counts for a frontier schedule), and student throughput in
+    model-equivalent tokens per second (layer-token forwards / L_S / wall).
+
+    ``runs[(pair, task)]``: ``n_train``, ``teacher_layers``, ``student_layers``, ``cache_forwards``.
+    """
     rows = []
     for r in records:
-        c = r.get("layer_passes", {})
-        own_teacher = c.get("teacher_layer_forward_rows", 0) / (layers["teacher"] * n_examples)
+        run, c = runs[(r["pair"], r["task"])], r.get("layer_passes", {})
+        n = run["n_train"]
+        teacher_fwd = c.get("teacher_layer_forward_rows", 0) / (run["teacher_layers"] * n)
+        if r.get("uses_teacher_cache"):
+            teacher_fwd += run["cache_forwards"] / n
         rows.append({
-            "method": r["method"],
-            "wall (s)": round(r["wall_seconds"], 1),
-            "peak RSS (MB)": round(r["peak_rss_mb"]),
-            "peak GPU (MB)": round(r["peak_gpu_mb"]),
+            "pair": r["pair"], "task": r["task"], "method": r["method"],
+            "wall (s)": r["wall_seconds"],
+            "peak RSS (MB)": r["peak_rss_mb"],
+            "peak GPU (MB)": r["peak_gpu_mb"],
             "trainable params": r.get("trainable_params", 0),
-            "teacher fwd / example": round(own_teacher + (cache_forwards / n_examples if r.get("uses_teacher_cache")
-                                                          else 0.0), 2),
-            "student layer fwd / example": round(c.get("student_layer_forward_rows", 0) / n_examples, 1),
-            "student layer bwd / example": round(c.get("student_layer_backward_rows", 0) / n_examples, 1),
-            "tokens/s": round(c.get("student_layer_forward_tokens", 0) / layers["student"] / r["wall_seconds"]),
+            "teacher fwd / example": teacher_fwd,
+            "student layer fwd / example": c.get("student_layer_forward_rows", 0) / n,
+            "student layer bwd / example": c.get("student_layer_backward_rows", 0) / n,
+            "tokens/s": c.get("student_layer_forward_tokens", 0) / run["student_layers"] / r["wall_seconds"],
         })
-    df = pd.DataFrame(rows)
-    if reference in set(df["method"]):
-        df.insert(2, f"wall / {reference}", (df["wall (s)"] / float(df.loc[df["method"] == reference, "wall (s)"].iloc[0])).round(2))
-    return df
+    df = pd.DataFrame(rows).groupby(["pair", "task", "method"], sort=False).mean().reset_index()
+    ref = df[df["method"] == reference].set_index(["pair", "task"])["wall (s)"]
+    if not ref.empty:
+        keys = pd.MultiIndex.from_frame(df[["pair", "task"]])
+        df.insert(4, f"wall / {reference}", (df["wall (s)"].to_numpy() / ref.reindex(keys).to_numpy()).round(2))
+    digits = {"wall (s)": 1, "peak RSS (MB)": 0, "peak GPU (MB)": 0, "trainable params": 0,
+              "teacher fwd / example": 2, "student layer fwd / example": 1, "student layer bwd / example": 1,
+              "tokens/s": 0}
+    return df.round(digits).astype({"trainable params": int})
+
+
+def run_facts(train_jsonl: Path, teacher_manifest: Path, student_manifest: Path, cache: Path | None) -> dict:
+    """The per-(pair, task) denominators of :func:`cost_table`, read from the DAG's own outputs."""
+    import torch
+
+    from semalign.data import read_jsonl
+
+    meta = torch.load(cache, map_location="cpu", mmap=True, weights_only=True)["meta"] if cache else {}
+    return {"n_train": len(read_jsonl(train_jsonl)),
+            "teacher_layers": json.loads(Path(teacher_manifest).read_text())["num_layers"],
+            "student_layers": json.loads(Path(student_manifest).read_text())["num_layers"],
+            "cache_forwards": meta.get("forward_passes", 0)}
+
+
+def hparam_table(configs: dict[str, dict]) -> pd.DataFrame:
+    """Every trained method's resolved hyperparameters (defaults + profile overrides), one column per method;
+    "–" where a method has no such parameter. Generated from the config dataclasses, so it cannot drift."""
+    names = list(dict.fromkeys(k for cfg in configs.values() for k in cfg))
+    return pd.DataFrame(
+        [{"parameter": k, **{m: str(cfg[k]) if k in cfg else "–" for m, cfg in configs.items()}} for k in names]
+    )
 
 
 def model_table(manifests: dict[str, str | Path]) -> pd.DataFrame:

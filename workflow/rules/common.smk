@@ -143,6 +143,36 @@ def cost_inputs(_wc) -> dict:
     return inputs
 
 
+def transfer_records() -> list[str]:
+    return [
+        f"{R}/transfer/{pair}/{task}/{method}/seed{seed}/transfer.json"
+        for pair in config["pairs"]
+        for task in TASKS
+        for method in trained_methods()
+        for seed in SEEDS
+    ]
+
+
+def cost_inputs_all() -> dict:
+    """What the cost table divides by: each (pair, task)'s train split, model manifests and teacher cache."""
+    uses_cache = any(method_cls(m).uses_teacher_cache for m in trained_methods())
+    inputs = {}
+    for pair, p in config["pairs"].items():
+        for task in TASKS:
+            inputs[f"{pair}__{task}__splits"] = f"{R}/splits/{task}/manifest.json"
+            inputs[f"{pair}__{task}__teacher"] = model_manifest(p["teacher"])
+            inputs[f"{pair}__{task}__student"] = model_manifest(p["student"])
+            if uses_cache:
+                inputs[f"{pair}__{task}__cache"] = f"{R}/cache/{pair}/{task}/teacher.pt"
+    return inputs
+
+
+def method_configs() -> dict:
+    from dataclasses import asdict
+
+    return {m: asdict(method_config(m)) for m in trained_methods() if method_cls(m).config_cls}
+
+
 def eval_records() -> list[str]:
     return [
         f"{R}/eval/{pair}/{task}/{method}/seed{seed}.json"

@@ -3,16 +3,22 @@
 
 rule aggregate:
     input:
+        unpack(lambda wc: cost_inputs_all()),
         records=eval_records(),
         manifests=list(manifests().values()),
+        transfers=transfer_records(),
     output:
         main=report(f"{R}/tables/main.md", caption="../report/main_table.rst", category="Tables"),
         models=report(f"{R}/tables/models.md", caption="../report/models_table.rst", category="Tables"),
+        cost=report(f"{R}/tables/cost.md", caption="../report/cost_table.rst", category="Tables"),
+        hparams=report(f"{R}/tables/hparams.md", caption="../report/hparams_table.rst", category="Tables"),
         summary=f"{R}/tables/summary.csv",
     params:
         methods=METHODS,
         tasks=TASKS,
+        pairs=list(config["pairs"]),
         model_names=list(manifests()),
+        method_configs=method_configs(),
         profile=config["profile"],
     log:
         f"{LOGS}/aggregate.log",

@@ -1,13 +1,34 @@
+import json
 from pathlib import Path
 
 from semalign.pipeline import start_job
-from semalign.report import load_records, main_table, model_table, summarise, write_table
+from semalign.report import (
+    cost_table,
+    hparam_table,
+    load_records,
+    main_table,
+    model_table,
+    run_facts,
+    summarise,
+    write_table,
+)
 
 start_job(snakemake)
-p = snakemake.params
-summary = summarise(load_records(snakemake.input.records))
-summary.to_csv(snakemake.output.summary, index=False)
+p, inp, out = snakemake.params, snakemake.input, snakemake.output
+summary = summarise(load_records(inp.records))
+summary.to_csv(out.summary, index=False)
 scale = "" if p.profile == "paper" else f" — small-scale profile '{p.profile}', not comparable to the paper's numbers"
-write_table(main_table(summary, p.methods, p.tasks), Path(snakemake.output.main).with_suffix(""), f"Main results{scale}")
-models = model_table(dict(zip(p.model_names, snakemake.input.manifests)))
-write_table(models, Path(snakemake.output.models).with_suffix(""), f"Models ({p.profile})")
+write_table(main_table(summary, p.methods, p.tasks), Path(out.main).with_suffix(""), f"Main results{scale}")
+models = model_table(dict(zip(p.model_names, inp.manifests)))
+write_table(models, Path(out.models).with_suffix(""), f"Models ({p.profile})")
+
+runs = {
+    (pair, task): run_facts(Path(inp[f"{pair}__{task}__splits"]).parent / "train.jsonl", inp[f"{pair}__{task}__teacher"],
+                            inp[f"{pair}__{task}__student"], inp.get(f"{pair}__{task}__cache"))
+    for pair in p.pairs
+    for task in p.tasks
+}
+# transfer/<pair>/<task>/<method>/seed<k>/transfer.json: the record knows its task, the path its pair
+records = [{**json.loads(Path(f).read_text()), "pair": Path(f).parts[-5]} for f in inp.transfers]
+write_table(cost_table(records, runs), Path(out.cost).with_suffix(""), f"Transfer cost ({p.profile})")
+write_table(hparam_table(p.method_configs), Path(out.hparams).with_suffix(""), f"Hyperparameters ({p.profile})")
