@@ -29,7 +29,7 @@ from transformers import (
 )
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SPEC_KEYS = {"source", "gguf_file", "random", "tokenizer", "dtype", "revision"}
+SPEC_KEYS = {"source", "gguf_file", "random", "tokenizer", "dtype", "revision", "vocab_size"}
 # A hub id is "name" or "owner/name"; anything else that does not exist locally is a missing local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -124,6 +124,11 @@ def check_spec(spec: dict) -> None:
         return
     if not spec.get("source"):
         raise ValueError(f"model spec {_describe(spec)}: set `source` (hub id, local dir or pkg:<name>) or `random`")
+    if "vocab_size" in spec:
+        if not isinstance(spec["vocab_size"], int) or spec["vocab_size"] < 1 or not isinstance(spec.get("tokenizer"), dict):
+            raise ValueError(f"model spec {_describe(spec)}: `vocab_size` (a positive int) needs `tokenizer: "
+                             "{source: ...}`, the base tokenizer the kept ids belong to")
+        check_spec(spec["tokenizer"])
     try:
         source = resolve_source(spec["source"])
     except ModelNotFoundError as e:
@@ -159,6 +164,31 @@ def _build_random(spec: dict, seed: int) -> tuple[PreTrainedModel, PreTrainedTok
     model = LlamaForCausalLM(config)
     dtype = _resolve_dtype(spec.get("dtype") or "float32")
     return model.to(dtype), tok
+
+
+def _drop_added_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, spec: dict) -> PreTrainedTokenizerBase:
+    """Keep the first ``vocab_size`` embedding and head rows and the base tokenizer of ``spec["tokenizer"]``.
+
+    WizardCoder-Python-13B appends one ``[PAD]`` (id 32000) to Llama-2's 32000 tokens; SemAlign's token-for-token
+    bases and every logit-level method need the shared vocabulary. Exact only if the base tokenizer is the model's
+    own on every kept id and every dropped id is an added token (never seen in pre-training text): both checked.
+    """
+    n = spec["vocab_size"]
+    base = load_tokenizer(spec["tokenizer"])
+    own = tok.get_vocab()
+    kept = {t: i for t, i in own.items() if i < n}
+    if kept != base.get_vocab():
+        differ = sorted(set(kept.items()) ^ set(base.get_vocab().items()), key=lambda x: x[1])[:3]
+        raise VocabularyMismatchError(
+            f"model spec {_describe(spec)}: ids < {n} of its tokenizer differ from {_describe(spec['tokenizer'])} "
+            f"(e.g. {differ}); vocab_size can only drop tokens appended after a shared base vocabulary")
+    dropped = {i for i in own.values() if i >= n}
+    not_added = dropped - set(tok.added_tokens_decoder)
+    if not_added:
+        raise VocabularyMismatchError(f"model spec {_describe(spec)}: ids {sorted(not_added)[:5]} >= vocab_size={n} "
+                                      "are regular tokens, not added ones; dropping them would change the model")
+    model.resize_token_embeddings(n)
+    return base
 
 
 def _strip_quantization(model: PreTrainedModel) -> None:
@@ -229,6 +259,8 @@ def prepare_model(spec: dict, out_dir: Path, seed: int = 0) -> dict:
         model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
         if spec.get("gguf_file"):
             _strip_quantization(model)
+        if "vocab_size" in spec:
+            tok = _drop_added_tokens(model, tok, spec)
         manifest = build_manifest(model, tok, spec, None)
     save_prepared(model, tok, manifest, Path(out_dir))
     return manifest

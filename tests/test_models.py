@@ -200,3 +200,36 @@ def test_prepared_dir_is_world_readable(tiny):
     """Regression: tempfile.mkdtemp made prepared dirs 0700, unreadable to other users of a shared cluster."""
     out, _, _ = tiny
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+def _model_with_extra_token(tmp_path, tokenizer_dir, tiny, token="[PAD]"):
+    """A WizardCoder-like source dir: the tiny model with one appended token (tokenizer + a new embedding row)."""
+    out, _, _ = tiny
+    model, tok = models.load_model(out)
+    tok.add_tokens([token])
+    model.resize_token_embeddings(len(tok))
+    src = tmp_path / "wizard-like"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    return src, model
+
+
+def test_vocab_size_drops_appended_token_exactly(tmp_path, tokenizer_dir, tiny):
+    out, _, manifest = tiny
+    src, wide = _model_with_extra_token(tmp_path, tokenizer_dir, tiny)
+    assert wide.config.vocab_size == 49153
+    spec = {"source": str(src), "vocab_size": 49152, "tokenizer": {"source": str(tokenizer_dir)}}
+    prepared = prepare_model(spec, tmp_path / "prepared")
+    assert prepared["vocab_size"] == 49152 and prepared["tokenizer_hash"] == manifest["tokenizer_hash"]
+    check_same_vocab(tmp_path / "prepared", out)  # now pairs with a model of the base vocabulary
+    narrow, _ = models.load_model(tmp_path / "prepared")
+    assert torch.equal(narrow.get_input_embeddings().weight, wide.get_input_embeddings().weight[:49152])
+
+
+def test_vocab_size_refuses_to_drop_regular_tokens(tmp_path, tokenizer_dir, tiny):
+    src, _ = _model_with_extra_token(tmp_path, tokenizer_dir, tiny)
+    spec = {"source": str(src), "vocab_size": 49151, "tokenizer": {"source": str(tokenizer_dir)}}
+    with pytest.raises(models.VocabularyMismatchError, match="ids < 49151"):
+        prepare_model(spec, tmp_path / "prepared")
+    with pytest.raises(ValueError, match="needs `tokenizer"):
+        models.check_spec({"source": str(src), "vocab_size": 49152})

@@ -143,6 +143,17 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert rows["kd"]["wall / kd"] == 1.0 and rows["kd"]["teacher fwd / example"] == 1.0
     assert rows["lora_sft"]["teacher fwd / example"] == 0.0 and rows["seeking"]["teacher fwd / example"] > 0
     assert rows["kd"]["student layer bwd / example"] == 2.0  # 2 layers x 1 epoch
+    cost = pd.read_csv(tables / "cost.csv")
+    assert len(cost) == 4 * 7 and set(cost.loc[cost.method == "kd", "wall / kd"]) == {1.0}
+    assert (cost.loc[cost.method == "kd", "teacher fwd / example"] == 1.0).all()
+    hparams = pd.read_csv(tables / "hparams.csv").set_index("parameter")
+    assert hparams.loc["epochs", "kd"] == "1" and hparams.loc["steps", "kd"] == "–"
+    # determinism: every transfer and evaluation run again gives byte-identical tables
+    first = (tables / "main.csv").read_text()
+    again = snakemake(work, cfg, "--cores", "2", "--forcerun", "transfer", env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "transfer" in again.stdout + again.stderr  # it did re-run
+    assert (tables / "main.csv").read_text() == first
     # the README's report command (regression: it once failed for want of --cores)
     report = snakemake(work, cfg, "--report", "results/smoke/report.html", env=env)
     assert report.returncode == 0, report.stderr[-3000:]
