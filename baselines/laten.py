@@ -34,7 +34,7 @@ from tqdm import tqdm
 from semalign.data import write_csv
 from semalign.models import decoder_layers, final_norm, lm_head, load_model, model_device
 from semalign.registry import Method, TransferContext, register_method
-from semalign.training import atomic_torch_save, check_finite, next_token_ce, render_chat, trim
+from semalign.training import atomic_torch_save, check_finite, render_chat, sft_loss, trim
 
 MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
 FAMILY = {"up_proj": "ffn", "down_proj": "ffn", "v_proj": "attn", "o_proj": "attn"}  # layers ranked per family
@@ -301,8 +301,7 @@ def _example_backward(student: nn.Module, batch: dict[str, torch.Tensor], mse: t
                       where: str) -> float:
     """CE of one example with the deltas applied + the MSE term, backward (the translator graph is kept for
     the step's other examples); in a function so each example's activations are freed on return."""
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ce = next_token_ce(logits, batch["input_ids"], batch["loss_mask"])
+    ce = sft_loss(student, batch)
     loss = ce + mse_weight * mse
     check_finite(loss, where)
     loss.backward(retain_graph=True)

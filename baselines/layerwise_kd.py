@@ -18,7 +18,7 @@ import torch
 from semalign.cache import layer_outputs
 from semalign.frontier import teacher_state
 from semalign.registry import Method, TransferContext, register_method
-from semalign.training import TrainConfig, fit, output_kl, prepare_trainable, shift_mask, trainable_parameters
+from semalign.training import TrainConfig, answer_logits, fit, output_kl, prepare_trainable, trainable_parameters
 
 
 @dataclass
@@ -55,13 +55,15 @@ class LayerwiseKD(Method):
         projectors = make_projectors(pairs, model.config.hidden_size, d_teacher).to(next(model.parameters()).device)
         model = prepare_trainable(model, cfg)
         store, _, _ = layer_outputs(model, [p["student"] for p in pairs], detach=False)
+        head_t = cache.head_weight.to(next(model.parameters()).device)
 
         def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
             for v in store.values():
                 v.clear()
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            T, dev = logits.shape[1], logits.device
-            kl = output_kl(logits, cache.logits(rows, dev)[:, :T], shift_mask(b["loss_mask"]), cfg.temperature)
+            logits, labels, mask = answer_logits(model, b)
+            T, dev = mask.shape[1], logits.device
+            kl = output_kl(logits, cache.answer_logits(rows, mask, head_t), torch.ones(len(labels), device=dev),
+                           cfg.temperature)
             layer = sum(
                 normalised_mse(projectors[str(p["student"])](store[p["student"]][0].float()),
                                teacher_state(cache, p, rows, T, "output", dev), b["attention_mask"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from semalign.registry import Method, TransferContext, register_method
-from semalign.training import TrainConfig, fit, next_token_ce, prepare_trainable, trainable_parameters
+from semalign.training import TrainConfig, fit, prepare_trainable, sft_loss, trainable_parameters
 
 
 @register_method("lora_sft")
@@ -23,8 +23,7 @@ class LoRASFT(Method):
         model = prepare_trainable(model, cfg)
 
         def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            return next_token_ce(logits, b["input_ids"], b["loss_mask"])
+            return sft_loss(model, b)
 
         fit(model, self.split(ctx, tokenizer, "train"), loss_fn, cfg, ctx.out_dir, ctx.seed, "lora_sft")
         stats = {"trainable_params": trainable_parameters(model), "config": asdict(cfg), "teacher_forwards": 0}

@@ -45,7 +45,7 @@ from semalign.training import (
     atomic_torch_save,
     checkpoint_dir,
     fit,
-    next_token_ce,
+    sft_loss,
     trainable_parameters,
     trim,
 )
@@ -83,17 +83,15 @@ class SeekingConfig(TrainConfig):
         return cfg
 
 
-def answer_ce(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The HF mean cross-entropy over the answer tokens of a (trimmed) batch."""
-    b = trim(b)
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    return next_token_ce(logits, b["input_ids"], b["loss_mask"])
+def seed_loss(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The answer cross-entropy of one seed example, its padding columns dropped."""
+    return sft_loss(model, trim(b))
 
 
 def sensitivity(
     model: nn.Module,
     data: dict[str, torch.Tensor],
-    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = answer_ce,
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = seed_loss,
     device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """S = Σ_examples |θ · ∂L/∂θ| (fp32) for every parameter that requires grad, one example per backward.
@@ -120,8 +118,7 @@ def sensitivity(
         for i in tqdm(range(len(next(iter(data.values())))), desc="seeking sensitivity"):
             loss = loss_fn(model, {k: v[i : i + 1].to(dev) for k, v in data.items()})
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"seeking sensitivity: non-finite loss on example {i} "
-                                         "(no answer token within max_len?)")
+                raise FloatingPointError(f"seeking sensitivity: non-finite loss on example {i}")
             loss.backward()
     finally:
         for h in handles:
@@ -301,7 +298,7 @@ class Seeking(Method):
         model = inject(model, ext["factors"], cfg)
 
         def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
-            return answer_ce(model, b)
+            return sft_loss(model, b)
 
         fit(model, self.split(ctx, tokenizer, "train"), loss_fn, cfg, ctx.out_dir, ctx.seed, "seeking", fingerprint=pair)
         stats = {

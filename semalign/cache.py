@@ -63,10 +63,11 @@ class TeacherCache:
         """The tokenised training rows the teacher saw, in the layout :func:`semalign.training.fit` takes."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "loss_mask": self.loss_mask}
 
-    def logits(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Exact teacher logits for rows ``idx`` (float32)."""
-        h = self.final_hidden[idx].to(device, torch.float32)
-        return h @ self.head_weight.to(device, torch.float32).T
+    def answer_logits(self, idx: torch.Tensor, mask: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Teacher logits [n, V] (float32) of rows ``idx`` at the positions of ``mask`` [b, T] only; ``head`` is
+        ``head_weight`` already on the training device (moved once per run, not per step)."""
+        h = self.final_hidden[idx][:, : mask.shape[1]][mask.cpu()]
+        return h.to(head.device, torch.float32) @ head.T
 
     def layer(self, k: int) -> torch.Tensor:
         if k not in self.layers:

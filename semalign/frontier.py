@@ -29,7 +29,7 @@ from semalign.bases import align
 from semalign.cache import TeacherCache
 from semalign.data import write_csv
 from semalign.losses import DEFAULT_INTERFACE, LOSSES, layer_loss
-from semalign.models import decoder_layers, embed_tokens, final_norm, lm_head
+from semalign.models import backbone, decoder_layers, embed_tokens, final_norm, lm_head
 from semalign.pairing import teacher_layers_needed, validate_pairing
 from semalign.training import (
     apply_lora,
@@ -108,11 +108,6 @@ def stage_trainable_params(model: torch.nn.Module, cfg: SemAlignConfig) -> int:
                if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.lora_targets)
 
 
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
-
-
 def run_layers(
     model: torch.nn.Module, h: torch.Tensor, start: int, end: int, attention_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -121,7 +116,7 @@ def run_layers(
     ``create_causal_mask`` from the padding mask, rotary ``position_embeddings``. start > end returns h."""
     if start > end:
         return h
-    inner = _backbone(model)
+    inner = backbone(model)
     position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
     mask = create_causal_mask(config=inner.config, inputs_embeds=h, attention_mask=attention_mask, cache=None,
                               position_ids=position_ids)
@@ -313,8 +308,7 @@ class _Stage:
         if self.with_output:
             h_final = run_layers(model, h, self.k + 1, self.L_S, b["attention_mask"])
             student_logits = _read_out(model, h_final[out_mask]).unsqueeze(0)
-            t_final = self.cache.final_hidden[micro, :T][out_mask.cpu()].to(dev, torch.float32)
-            teacher_logits = (t_final @ self.head_t.T).unsqueeze(0)  # = cache.logits at the scored positions
+            teacher_logits = self.cache.answer_logits(micro, out_mask, self.head_t).unsqueeze(0)
             labels = torch.nn.functional.pad(b["input_ids"][:, 1:], (0, 1))[out_mask].unsqueeze(0)
         if cfg.loss == "kl_only":
             student, target = h, h

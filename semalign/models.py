@@ -318,7 +318,8 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (embeddings, layers, final norm) without the LM head, through a peft wrapper."""
     inner = getattr(_base(model), "model", None)
     if inner is None or not hasattr(inner, "layers"):
         raise TypeError(
@@ -333,11 +334,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return _inner(model).layers
+    return backbone(model).layers
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
-    return _inner(model).norm
+    return backbone(model).norm
 
 
 def embed_tokens(model: torch.nn.Module) -> torch.nn.Embedding:

@@ -10,7 +10,7 @@ from semalign.data import read_jsonl, write_jsonl
 from semalign.models import load_model
 from semalign.pairing import pair_layers
 from semalign.registry import TransferContext, get_method
-from semalign.training import next_token_ce, tokenize_records
+from semalign.training import sft_loss, tokenize_records
 
 
 @pytest.fixture
@@ -31,8 +31,7 @@ def _train_ce(model_dir, splits):
     model, tok = load_model(model_dir)
     b = tokenize_records(tok, read_jsonl(splits / "train.jsonl"), 48)
     with torch.no_grad():
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    return next_token_ce(logits, b["input_ids"], b["loss_mask"]).item()
+        return sft_loss(model, b).item()
 
 
 def test_lora_sft_lowers_train_ce_without_teacher(tiny_pair, splits, tmp_path):

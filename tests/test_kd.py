@@ -25,7 +25,7 @@ def test_cache_logits_and_layers_match_teacher(tiny_pair, cache):
         out = model(input_ids=c.input_ids, attention_mask=c.attention_mask, output_hidden_states=True)
     mask = c.attention_mask.bool()
     idx = torch.arange(len(c))
-    assert torch.allclose(c.logits(idx)[mask], out.logits[mask], atol=2e-2)
+    assert torch.allclose(c.answer_logits(idx, mask, c.head_weight), out.logits[mask], atol=2e-2)
     assert torch.allclose(c.layer(2).float()[mask], out.hidden_states[2][mask], atol=1e-2)
     with pytest.raises(KeyError, match="not cached"):
         c.layer(1)
@@ -44,7 +44,9 @@ def _kl_to_teacher(model_dir, cache):
     model, _ = load_model(model_dir)
     with torch.no_grad():
         logits = model(input_ids=c.input_ids, attention_mask=c.attention_mask).logits
-    return output_kl(logits, c.logits(torch.arange(len(c))), shift_mask(c.loss_mask)).item()
+    mask = shift_mask(c.loss_mask).bool()
+    return output_kl(logits[mask], c.answer_logits(torch.arange(len(c)), mask, c.head_weight),
+                     torch.ones(int(mask.sum()))).item()
 
 
 @pytest.mark.parametrize("trainable", ["lora", "full"])

@@ -24,7 +24,7 @@ from baselines.seeking import (
 from semalign.data import write_jsonl
 from semalign.models import load_model
 from semalign.registry import TransferContext, get_method
-from semalign.training import tokenize_records
+from semalign.training import sft_loss, tokenize_records
 
 
 def test_config_defaults_and_validation():
@@ -86,7 +86,7 @@ def test_sensitivity_equals_naive_autograd_on_llama(tiny_pair, chat_records):
     naive = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for i in range(3):
         model.zero_grad(set_to_none=True)
-        seeking.answer_ce(model, {k: v[i : i + 1] for k, v in data.items()}).backward()
+        sft_loss(model, {k: v[i : i + 1] for k, v in data.items()}).backward()
         for n, p in model.named_parameters():
             naive[n] += (p * p.grad).abs()
     assert S.keys() == naive.keys() and "lm_head.weight" not in S  # tied head counted once, with the embedding
@@ -94,7 +94,7 @@ def test_sensitivity_equals_naive_autograd_on_llama(tiny_pair, chat_records):
         assert torch.allclose(S[n], naive[n], rtol=1e-4, atol=1e-9), n
     assert S["model.embed_tokens.weight"].sum() > 0
     model.zero_grad(set_to_none=True)
-    seeking.answer_ce(model, {k: v[:1] for k, v in data.items()}).backward()
+    sft_loss(model, {k: v[:1] for k, v in data.items()}).backward()
     assert model.lm_head.weight.grad is not None  # hooks removed afterwards
 
 

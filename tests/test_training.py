@@ -133,11 +133,25 @@ def test_cuda_requested_without_gpu_is_one_clear_error():
 
 def test_ce_of_rows_without_answer_tokens_is_zero_not_nan():
     """Regression: a micro-batch whose answers were all truncated away made LaTen's step NaN."""
-    from semalign.training import next_token_ce
+    from semalign.training import answer_ce
 
-    logits, ids = torch.randn(2, 5, 11, requires_grad=True), torch.randint(0, 11, (2, 5))
-    assert next_token_ce(logits, ids, torch.zeros(2, 5, dtype=torch.long)).item() == 0.0
-    mask = torch.zeros(2, 5, dtype=torch.long)
-    mask[0, 2:] = 1
-    expected = torch.nn.functional.cross_entropy(logits[0, 1:4], ids[0, 2:5])
-    assert torch.allclose(next_token_ce(logits, ids, mask), expected)
+    assert answer_ce(torch.randn(0, 11, requires_grad=True), torch.zeros(0, dtype=torch.long)).item() == 0.0
+
+
+def test_answer_logits_equal_the_full_forward_at_scored_positions(tiny_pair, chat_records):
+    """Reading out only at answer positions is the same math as the full forward, masked afterwards."""
+    from semalign.models import load_model
+    from semalign.training import answer_ce, answer_logits
+
+    model, tok = load_model(tiny_pair[1], trainable=True)
+    model.eval()
+    b = tokenize_records(tok, chat_records, 48)
+    with torch.no_grad():
+        full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, labels, mask = answer_logits(model, b)
+    pred = shift_mask(b["loss_mask"]).bool()
+    assert torch.equal(mask, pred) and len(labels) == int(pred.sum())
+    assert torch.allclose(logits, full[pred], atol=1e-5)
+    assert torch.equal(labels, b["input_ids"][:, 1:][pred[:, :-1]])
+    expected = torch.nn.functional.cross_entropy(full[:, :-1][pred[:, :-1]], b["input_ids"][:, 1:][pred[:, :-1]])
+    assert torch.allclose(answer_ce(logits, labels), expected, atol=1e-5)

@@ -13,11 +13,11 @@ import torch
 from semalign.registry import Method, TransferContext, register_method
 from semalign.training import (
     TrainConfig,
+    answer_ce,
+    answer_logits,
     fit,
-    next_token_ce,
     output_kl,
     prepare_trainable,
-    shift_mask,
     trainable_parameters,
 )
 
@@ -37,12 +37,14 @@ class KnowledgeDistillation(Method):
         cfg, cache, model, tokenizer = self.begin(ctx)
         model = prepare_trainable(model, cfg)
 
+        head_t = cache.head_weight.to(next(model.parameters()).device)
+
         def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            t_logits = cache.logits(rows, logits.device)[:, : logits.shape[1]]
-            loss = output_kl(logits, t_logits, shift_mask(b["loss_mask"]), cfg.temperature)
+            logits, labels, mask = answer_logits(model, b)  # the answer positions only, student and teacher
+            t_logits = cache.answer_logits(rows, mask, head_t)
+            loss = output_kl(logits, t_logits, torch.ones(len(labels), device=logits.device), cfg.temperature)
             if cfg.ce_weight:
-                loss = loss + cfg.ce_weight * next_token_ce(logits, b["input_ids"], b["loss_mask"])
+                loss = loss + cfg.ce_weight * answer_ce(logits, labels)
             return loss
 
         fit(model, cache.tokens(), loss_fn, cfg, ctx.out_dir, ctx.seed, "kd")
