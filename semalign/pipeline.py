@@ -58,8 +58,9 @@ def count_layer_passes(roles: dict[str, tuple[int, int]]) -> Iterator[Counter]:
         handle.remove()
 
 
-def run_transfer(method: str, ctx: TransferContext, out_json: Path) -> dict[str, Any]:
-    """Run one method and record what it cost; ``transfer.json`` is written last, so it marks completion."""
+def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str | None = None) -> dict[str, Any]:
+    """Run one method and record what it cost; ``transfer.json`` is written last, so it marks completion.
+    ``label``: the row name in tables (an ablation variant ``method@key=value``), default ``method``."""
     from semalign.models import load_manifest
 
     impl = get_method(method)
@@ -74,7 +75,7 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path) -> dict[str,
     wall = time.perf_counter() - t0
     stats_file = ctx.out_dir / "train_stats.json"
     record = {
-        "method": method,
+        "method": label or method,
         "task": ctx.task,
         "seed": ctx.seed,
         "model_path": str(model_path),

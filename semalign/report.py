@@ -77,6 +77,15 @@ def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str]) -> p
     return pd.DataFrame(rows)
 
 
+def ablation_table(summary: pd.DataFrame, rows: list[list[str]], tasks: list[str], key: str) -> pd.DataFrame:
+    """One ablation axis as a Table-1-style table: one row per value of ``key`` ([label, method or variant]),
+    the configured value first, with the same metric, NLL and gap-to-teacher columns as the main table."""
+    names = [name for _, name in rows]
+    table = main_table(summary[summary.method.isin([*names, "teacher"])], names, tasks)
+    table["method"] = table["method"].map(dict((name, label) for label, name in rows))
+    return table.rename(columns={"method": key})
+
+
 def write_table(df: pd.DataFrame, stem: Path, title: str) -> None:
     """csv for machines, md for the README/report, tex for the paper."""
     atomic_write_text(stem.with_suffix(".csv"), df.to_csv(index=False))

@@ -56,6 +56,24 @@ def test_dry_run_every_profile_offline(tmp_path, name):
     assert "evaluate" in res.stdout and "transfer" in res.stdout
 
 
+def test_ablations_expand_into_variant_jobs(tmp_path):
+    """Each ablation value is one variant method: its own transfer and evaluation jobs, its own pairing when the
+    pairing changes, and one table per axis; the configured value is not run twice."""
+    cfg = profile("smoke")
+    cfg["ablations"] = {"tasks": ["gsm8k"], "methods": {"semalign": {"loss": ["v2", "v1"], "pairing": ["depth_ratio"]}}}
+    res = snakemake(tmp_path, cfg, "-n", "--quiet", "all")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = snakemake(tmp_path, cfg, "-n", "--forceall")
+    out = res.stdout + res.stderr
+    for variant in ["semalign@loss=v1", "semalign@pairing=depth_ratio"]:
+        assert f"Transfer {variant}: tiny / gsm8k / seed 0" in out, variant
+        assert f"Evaluating {variant} on gsm8k" in out, variant
+        assert f"Transfer {variant}: tiny / mmlu" not in out  # ablation tasks only
+    assert "semalign@loss=v2" not in out  # v2 is the configured loss: the semalign row itself
+    assert "results/smoke/pairing/tiny/gsm8k/depth_ratio.json" in out
+    assert "results/smoke/tables/ablation_semalign__loss.md" in out
+
+
 def test_slurm_profile_names_only_real_rules(tmp_path):
     """A typo in the cluster profile's per-rule resources would silently fall back to the defaults."""
     slurm = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
@@ -76,6 +94,8 @@ def test_slurm_profile_names_only_real_rules(tmp_path):
         (lambda c: c["data"]["sizes"]["mmlu"].update(trian=3), "trian"),
         (lambda c: c.update(methods=["teacher", "nonexistent"]), "nonexistent"),
         (lambda c: c["pairs"]["tiny"].update(student="ghost"), "ghost"),
+        (lambda c: c["ablations"]["methods"]["semalign"].update(lossy=["v1"]), "lossy"),
+        (lambda c: c["ablations"]["methods"]["semalign"].update(loss=["v9"]), "v9"),
         (lambda c: c["method_params"]["kd"].update(epochz=2), "epochz"),
     ],
 )

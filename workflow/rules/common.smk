@@ -1,6 +1,7 @@
 # Config loading, validation and every input function. Rules only name what they need.
 import os
 from pathlib import Path
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import yaml
@@ -31,6 +32,23 @@ wildcard_constraints:
     attribution=ATTRIBUTIONS,
     pairing=rf"(attributed-({ATTRIBUTIONS})|depth_ratio|interpolated|last_only|random)",
     seed=r"\d+",
+    method=r"[A-Za-z0-9_]+(@[A-Za-z0-9_]+=[^/]+)?",
+
+
+def ablation_variants() -> dict[str, tuple[str, str, object]]:
+    """``<method>@<key>=<value>`` -> (method, key, value) for every ablation value that differs from the method's
+    configured one (that one is the reference row, already run as the method itself)."""
+    variants = {}
+    for method, axes in config["ablations"]["methods"].items():
+        base = {**asdict(method_config(method))} if method_cls(method).config_cls else {}
+        for key, values in axes.items():
+            if key not in base:
+                raise ValueError(f"config: ablations.methods.{method}.{key} is not a parameter of {method}")
+            for value in values:
+                if value != base[key]:
+                    variants[f"{method}@{key}={value}"] = (method, key, value)
+                    method_cls(method).config({**config["method_params"].get(method, {}), key: value})  # valid?
+    return variants
 
 
 def check_config() -> None:
@@ -42,6 +60,9 @@ def check_config() -> None:
         if m not in known:
             raise ValueError(f"config: unknown method {m!r} (methods/method_params); available: {', '.join(known)}")
         method_config(m)  # hyperparameters checked now, not hours into the run
+    for m in list(config["ablations"]["methods"]):
+        if m not in METHODS:
+            raise ValueError(f"config: ablations.methods.{m}: {m!r} is not in methods")
     for pair, p in config["pairs"].items():
         for role in ("teacher", "student"):
             if p[role] not in config["models"]:
@@ -62,14 +83,28 @@ def pair_model(role: str):
     return lambda wc: model_manifest(config["pairs"][wc.pair][role])
 
 
+def base_method(name: str) -> str:
+    """The registry name of a method or of an ablation variant of it."""
+    return name.split("@", 1)[0]
+
+
 def method_cls(name: str):
     from semalign.registry import get_method
 
-    return type(get_method(name))
+    return type(get_method(base_method(name)))
+
+
+def method_params(name: str) -> dict:
+    """A method's configured parameters; a variant's are its method's with the one ablated key replaced."""
+    params = dict(config["method_params"].get(base_method(name), {}))
+    if "@" in name:
+        _, key, value = ABLATIONS[name]
+        params[key] = value
+    return params
 
 
 def method_config(name: str):
-    return method_cls(name).config(config["method_params"].get(name, {}))
+    return method_cls(name).config(method_params(name))
 
 
 def seeds_for(method: str) -> list[int]:
@@ -104,8 +139,9 @@ def pairing_inputs(wc) -> dict:
 
 
 def cache_pairings(wc) -> list[str]:
-    """Pairings of every configured method on this pair/task: the cache holds the union of their teacher layers."""
-    return sorted({f for m in METHODS if (f := pairing_file(m, wc.pair, wc.task))})
+    """Pairings of every configured method and variant on this pair/task: the cache holds the union of their
+    teacher layers."""
+    return sorted({f for m in METHODS + list(ABLATIONS) if (f := pairing_file(m, wc.pair, wc.task))})
 
 
 def transfer_inputs(wc) -> dict:
@@ -168,8 +204,6 @@ def cost_inputs_all() -> dict:
 
 
 def method_configs() -> dict:
-    from dataclasses import asdict
-
     return {m: asdict(method_config(m)) for m in trained_methods() if method_cls(m).config_cls}
 
 
@@ -180,6 +214,33 @@ def eval_records() -> list[str]:
         for task in TASKS
         for method in METHODS
         for seed in seeds_for(method)
+    ] + ablation_records()
+
+
+def ablation_rows() -> dict[str, list[list[str]]]:
+    """Per ablation table ``<method>__<key>``: its rows as [label, method or variant name], reference first."""
+    rows = {}
+    for method, axes in config["ablations"]["methods"].items():
+        base = asdict(method_config(method))
+        for key, values in axes.items():
+            rows[f"{method}__{key}"] = [[f"{base[key]} (as configured)", method]] + [
+                [str(v), f"{method}@{key}={v}"] for v in values if v != base[key]
+            ]
+    return rows
+
+
+def ablation_tables() -> list[str]:
+    return [f"{R}/tables/ablation_{name}.md" for name in ablation_rows()]
+
+
+def ablation_records() -> list[str]:
+    tasks = config["ablations"].get("tasks", TASKS)
+    return [
+        f"{R}/eval/{pair}/{task}/{variant}/seed{seed}.json"
+        for pair in config["pairs"]
+        for task in tasks
+        for variant in ABLATIONS
+        for seed in SEEDS
     ]
 
 
@@ -210,3 +271,4 @@ def final_outputs() -> list[str]:
 
 
 check_config()
+ABLATIONS = ablation_variants()

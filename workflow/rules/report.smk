@@ -13,7 +13,10 @@ rule aggregate:
         cost=report(f"{R}/tables/cost.md", caption="../report/cost_table.rst", category="Tables"),
         hparams=report(f"{R}/tables/hparams.md", caption="../report/hparams_table.rst", category="Tables"),
         summary=f"{R}/tables/summary.csv",
+        ablations=ablation_tables(),
     params:
+        ablation_rows=ablation_rows(),
+        ablation_tasks=config["ablations"].get("tasks", TASKS),
         methods=METHODS,
         tasks=TASKS,
         pairs=list(config["pairs"]),

@@ -35,7 +35,8 @@ rule transfer:
     output:
         f"{R}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}/transfer.json",
     params:
-        method_params=lambda wc: config["method_params"].get(wc.method, {}),
+        method=lambda wc: base_method(wc.method),
+        method_params=lambda wc: method_params(wc.method),
         device=config["device"],
         max_len=config["data"]["max_len"],
         train_on_inputs=lambda wc: wc.task in config["data"]["train_on_inputs"],

@@ -3,6 +3,7 @@ from pathlib import Path
 
 from semalign.pipeline import start_job
 from semalign.report import (
+    ablation_table,
     cost_table,
     hparam_table,
     load_records,
@@ -32,3 +33,7 @@ runs = {
 records = [{**json.loads(Path(f).read_text()), "pair": Path(f).parts[-5]} for f in inp.transfers]
 write_table(cost_table(records, runs), Path(out.cost).with_suffix(""), f"Transfer cost ({p.profile})")
 write_table(hparam_table(p.method_configs), Path(out.hparams).with_suffix(""), f"Hyperparameters ({p.profile})")
+for (name, rows), path in zip(p.ablation_rows.items(), out.ablations):
+    method, key = name.split("__")
+    write_table(ablation_table(summary, rows, p.ablation_tasks, key), Path(path).with_suffix(""),
+                f"Ablation of {method}: {key}{scale}")

@@ -20,4 +20,4 @@ ctx = TransferContext(
     teacher_cache=Path(inp.cache) if "cache" in inp.keys() else None,
     extras={k: Path(v) for k, v in inp.items() if k not in ("teacher", "student", "splits", "cache")},
 )
-print(run_transfer(wc.method, ctx, out))
+print(run_transfer(snakemake.params.method, ctx, out, label=wc.method))
