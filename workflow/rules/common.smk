@@ -141,7 +141,8 @@ def pairing_inputs(wc) -> dict:
 def cache_pairings(wc) -> list[str]:
     """Pairings of every configured method and variant on this pair/task: the cache holds the union of their
     teacher layers."""
-    return sorted({f for m in METHODS + list(ABLATIONS) if (f := pairing_file(m, wc.pair, wc.task))})
+    variants = list(ABLATIONS) if wc.task in config["ablations"].get("tasks", TASKS) else []
+    return sorted({f for m in METHODS + variants if (f := pairing_file(m, wc.pair, wc.task))})
 
 
 def transfer_inputs(wc) -> dict:
