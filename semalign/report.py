@@ -197,8 +197,18 @@ def write_layer_profile(
     plt.close(fig)
 
 
-def main_figure(summary: pd.DataFrame, methods: list[str], tasks: list[str], stem: Path) -> None:
-    """Grouped bars per task: paper metric (left) and gold-answer NLL (right), 95% CIs as error bars."""
+def _save(fig: plt.Figure, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(stem.with_suffix(f".{ext}"), dpi=150)
+    plt.close(fig)
+
+
+def main_figure(summary: pd.DataFrame, methods: list[str], tasks: list[str], stem: Path,
+                labels: dict[str, str] | None = None, title: str = "Main results") -> None:
+    """Grouped bars per task: paper metric (left) and gold-answer NLL (right), 95% CIs as error bars; also the
+    ablation figures (``methods`` = an axis' variants, ``labels`` = their values)."""
+    labels = {**ROW_LABELS, **(labels or {})}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / max(1, len(methods))
     for ax, (col, ci, label) in zip(axes, [("score", "score_ci95", "score (acc / pass@1, %)"),
@@ -207,14 +217,35 @@ def main_figure(summary: pd.DataFrame, methods: list[str], tasks: list[str], ste
             ms = summary[summary.method == method].set_index("task").reindex(tasks)
             scale = 100 if col == "score" else 1
             xs = [j + i * width for j in range(len(tasks))]
-            ax.bar(xs, ms[col] * scale, width, yerr=ms[ci] * scale, label=ROW_LABELS.get(method, method), capsize=2)
+            ax.bar(xs, ms[col] * scale, width, yerr=ms[ci] * scale, label=labels.get(method, method), capsize=2)
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))])
         ax.set_xticklabels([TASK_LABELS.get(t, t) for t in tasks])
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Main results ({', '.join(summary.pair.unique())})")
+    fig.suptitle(f"{title} ({', '.join(summary.pair.unique())})")
     fig.tight_layout()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(stem.with_suffix(f".{ext}"), dpi=150)
-    plt.close(fig)
+    _save(fig, stem)
+
+
+def cost_gain_figure(cost: pd.DataFrame, summary: pd.DataFrame, stem: Path) -> None:
+    """Per method and pair: transfer wall time relative to KD (x, mean over tasks) against the mean change of the
+    gold-answer NLL versus the untouched student (y, negative = the transfer helped), one marker per method."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for pair, pc in cost.groupby("pair", sort=False):
+        ps = summary[summary.pair == pair]
+        base = ps[ps.method == "none"].set_index("task")["nll"]
+        for method, mc in pc.groupby("method", sort=False):
+            ms = ps[ps.method == method].set_index("task")["nll"]
+            common = ms.index.intersection(base.index)
+            if common.empty or "wall / kd" not in mc:
+                continue
+            x, y = mc["wall / kd"].mean(), (ms[common] - base[common]).mean()
+            ax.scatter(x, y)
+            ax.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(1, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("transfer wall time / KD's")
+    ax.set_ylabel("mean gold-answer NLL change vs student (nats)")
+    ax.set_title("Cost vs gain")
+    fig.tight_layout()
+    _save(fig, stem)

@@ -34,3 +34,20 @@ def test_hparam_table_marks_missing_parameters():
     t = hparam_table({"kd": {"lr": 0.001, "temperature": 1.0}, "laten": {"lr": 3e-4, "steps": 4}}).set_index("parameter")
     assert list(t.columns) == ["kd", "laten"]
     assert t.loc["lr", "kd"] == "0.001" and t.loc["steps", "kd"] == "–" and t.loc["temperature", "laten"] == "–"
+
+
+def test_figures_render(tmp_path):
+    import pandas as pd
+
+    from semalign.report import cost_gain_figure, main_figure
+
+    summary = pd.DataFrame([
+        {"pair": "p", "method": m, "task": t, "score": s, "score_ci95": 0.01, "nll": n, "nll_ci95": 0.1}
+        for m, s, n in [("none", 0.2, 5.0), ("kd", 0.3, 4.0), ("semalign@loss=v1", 0.25, 4.5)] for t in ["gsm8k", "mmlu"]
+    ])
+    cost = pd.DataFrame([{"pair": "p", "task": "gsm8k", "method": "kd", "wall / kd": 1.0},
+                         {"pair": "p", "task": "gsm8k", "method": "semalign@loss=v1", "wall / kd": 0.5}])
+    main_figure(summary, ["kd", "semalign@loss=v1"], ["gsm8k"], tmp_path / "abl", labels={"kd": "x"}, title="T")
+    cost_gain_figure(cost, summary, tmp_path / "cg")
+    for stem in ("abl", "cg"):
+        assert (tmp_path / f"{stem}.png").stat().st_size > 5_000 and (tmp_path / f"{stem}.pdf").exists()

@@ -13,7 +13,9 @@ rule aggregate:
         cost=report(f"{R}/tables/cost.md", caption="../report/cost_table.rst", category="Tables"),
         hparams=report(f"{R}/tables/hparams.md", caption="../report/hparams_table.rst", category="Tables"),
         summary=f"{R}/tables/summary.csv",
-        ablations=ablation_tables(),
+        ablations=[
+            report(path, caption="../report/ablation.rst", category="Ablations") for path in ablation_tables()
+        ],
     params:
         ablation_rows=ablation_rows(),
         ablation_tasks=config["ablations"].get("tasks", TASKS),
@@ -34,11 +36,19 @@ rule aggregate:
 rule figures:
     input:
         summary=f"{R}/tables/summary.csv",
+        cost=f"{R}/tables/cost.md",
     output:
         main=report(f"{R}/figures/main.png", caption="../report/main_figure.rst", category="Figures"),
+        cost_gain=report(f"{R}/figures/cost_gain.png", caption="../report/cost_gain.rst", category="Figures"),
+        ablations=[
+            report(f"{R}/figures/ablation_{name}.png", caption="../report/ablation.rst", category="Ablations")
+            for name in ablation_rows()
+        ],
     params:
         methods=METHODS,
         tasks=TASKS,
+        ablation_rows=ablation_rows(),
+        ablation_tasks=config["ablations"].get("tasks", TASKS),
     log:
         f"{LOGS}/figures.log",
     conda:

@@ -3,8 +3,14 @@ from pathlib import Path
 import pandas as pd
 
 from semalign.pipeline import start_job
-from semalign.report import main_figure
+from semalign.report import cost_gain_figure, main_figure
 
 start_job(snakemake)
+p, out = snakemake.params, snakemake.output
 summary = pd.read_csv(snakemake.input.summary)
-main_figure(summary, snakemake.params.methods, snakemake.params.tasks, Path(snakemake.output.main).with_suffix(""))
+main_figure(summary, p.methods, p.tasks, Path(out.main).with_suffix(""))
+cost_gain_figure(pd.read_csv(Path(snakemake.input.cost).with_suffix(".csv")), summary, Path(out.cost_gain).with_suffix(""))
+for (name, rows), path in zip(p.ablation_rows.items(), out.ablations):
+    method, key = name.split("__")
+    main_figure(summary, [n for _, n in rows], p.ablation_tasks, Path(path).with_suffix(""),
+                labels={n: f"{key}={label}" for label, n in rows}, title=f"Ablation of {method}: {key}")
