@@ -168,6 +168,11 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert (cost.loc[cost.method == "kd", "teacher fwd / example"] == 1.0).all()
     hparams = pd.read_csv(tables / "hparams.csv").set_index("parameter")
     assert hparams.loc["epochs", "kd"] == "1" and hparams.loc["steps", "kd"] == "–"
+    ablation = pd.read_csv(tables / "ablation_semalign__loss.csv")
+    assert list(ablation["loss"]) == ["v2 (as configured)", "v1"] and ablation["GSM8K acc"].notna().all()
+    figures = work / "results" / "smoke" / "figures"
+    for fig in ["cost_gain.png", "ablation_semalign__loss.png", "ablation_semalign__pairing.png"]:
+        assert (figures / fig).stat().st_size > 10_000, fig
     # determinism: every transfer and evaluation run again gives byte-identical tables
     first = (tables / "main.csv").read_text()
     again = snakemake(work, cfg, "--cores", "2", "--forcerun", "transfer", env=env)
