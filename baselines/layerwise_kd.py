@@ -54,7 +54,7 @@ class LayerwiseKD(Method):
         d_teacher = cache.head_weight.shape[1]
         projectors = make_projectors(pairs, model.config.hidden_size, d_teacher).to(next(model.parameters()).device)
         model = prepare_trainable(model, cfg)
-        store, _, _ = layer_outputs(model, [p["student"] for p in pairs], detach=False)
+        store, _, handles = layer_outputs(model, [p["student"] for p in pairs], detach=False)
         head_t = cache.head_weight.to(next(model.parameters()).device)
 
         def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,8 +72,13 @@ class LayerwiseKD(Method):
             return cfg.lambda_kl * kl + cfg.lambda_layer * layer
 
         trainables = torch.nn.ModuleDict({"student": model, "projectors": projectors})
-        fit(trainables, cache.tokens(), loss_fn, cfg, ctx.out_dir, ctx.seed, "layerwise_kd",
-            fingerprint={"pairs": pairs})
+        try:
+            fit(trainables, cache.tokens(), loss_fn, cfg, ctx.out_dir, ctx.seed, "layerwise_kd",
+                fingerprint={"pairs": pairs})
+        finally:  # the hooks keep the last step's graph alive and would fire in any later forward
+            for h in handles:
+                h.remove()
+            store.clear()
         stats = {
             "trainable_params": trainable_parameters(trainables),
             "projector_params": sum(p.numel() for p in projectors.parameters()),
