@@ -131,16 +131,22 @@ def run_layers(
 def prefix_forward(
     model: torch.nn.Module, h: torch.Tensor, start: int, end: int, attention_mask: torch.Tensor, chunk: int
 ) -> torch.Tensor:
-    """:func:`run_layers` over all rows in fixed chunks, eval mode (no dropout); stored on h's device/dtype."""
+    """:func:`run_layers` over all rows, eval mode (no dropout); stored on h's device/dtype.
+
+    Rows are chunked in order of length and each chunk is cut to its longest row: with right padding the real
+    tokens never attend to the padding, so this is the same stream for the real tokens at about half the cost
+    (mean length is ~half of ``max_len`` on every mini task). Padding positions keep their previous values:
+    every loss masks them out."""
     if start > end:
         return h
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    out = torch.empty_like(h)
-    for i in range(0, h.shape[0], chunk):
-        out[i : i + chunk] = run_layers(model, h[i : i + chunk].to(dev), start, end,
-                                        attention_mask[i : i + chunk].to(dev)).to(h.device)
+    out = h.clone()
+    lengths = attention_mask.sum(1)
+    for rows in torch.argsort(lengths, stable=True).split(chunk):
+        T = int(lengths[rows].max())
+        out[rows, :T] = run_layers(model, h[rows, :T].to(dev), start, end, attention_mask[rows, :T].to(dev)).to(h.device)
     model.train(was_training)
     return out
 

@@ -8,7 +8,14 @@ import torch
 
 from semalign.bases import aligned_map
 from semalign.cache import TeacherCache, build_teacher_cache
-from semalign.frontier import SemAlignConfig, StageLimitReached, run_layers, stage_trainable_params, train_frontier
+from semalign.frontier import (
+    SemAlignConfig,
+    StageLimitReached,
+    prefix_forward,
+    run_layers,
+    stage_trainable_params,
+    train_frontier,
+)
 from semalign.models import load_model
 from semalign.pairing import pair_layers, teacher_layers_needed
 from semalign.registry import TransferContext
@@ -69,6 +76,23 @@ def test_run_layers_matches_hf_forward(setup):
     assert torch.allclose(logits[real], ref[real], atol=1e-5)
     assert torch.equal(split, h)
     assert run_layers(model, h, 3, 2, attn) is h
+
+
+def test_prefix_forward_cuts_chunks_to_their_longest_row(setup):
+    """Length-sorted, trimmed chunks give the untrimmed stream at every real token (regression: the prefix ran
+    every chunk at the cache's full width, twice the work on mini), and leave padding positions as they were."""
+    _, student, cache_path, _ = setup
+    model, _ = load_model(student, device="cpu")
+    c = TeacherCache.load(cache_path)
+    ids, attn = c.input_ids, c.attention_mask
+    assert attn.sum(1).min() < attn.shape[1]  # the fixture has rows of different lengths
+    with torch.no_grad():
+        h0 = model.model.embed_tokens(ids)
+        ref = run_layers(model, h0, 1, 2, attn)
+    out = prefix_forward(model, h0, 1, 2, attn, chunk=2)
+    real = attn.bool()
+    assert torch.allclose(out[real], ref[real], atol=1e-5)
+    assert torch.equal(out[~real], h0[~real])
 
 
 @pytest.mark.parametrize("trainable", ["full", "lora"])
