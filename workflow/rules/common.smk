@@ -19,6 +19,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.en
 os.environ["SEMALIGN_PLUGINS"] = ",".join(config["plugins"])
 
 R = f"results/{config['profile']}"
+PAPER_REPORTED = str(Path(workflow.basedir, "semalign", "paper_reported.yaml"))  # an input: edits rerun aggregate
 LOGS = f"logs/{config['profile']}"
 BENCH = f"{R}/benchmarks"
 SEEDS = config["seeds"]
@@ -70,6 +71,13 @@ def check_config() -> None:
     for task in TASKS:
         if task not in config["data"]["sizes"]:
             raise ValueError(f"config: data.sizes.{task} missing (tasks lists {task})")
+    table2 = config["report"]["finetuned_teachers"]
+    for pair in table2:
+        if pair not in config["pairs"]:
+            known = ", ".join(config["pairs"])
+            raise ValueError(f"config: report.finetuned_teachers names {pair!r}, not a key of pairs ({known})")
+    if len({config["pairs"][pair]["student"] for pair in table2}) > 1:
+        raise ValueError("config: report.finetuned_teachers: the pairs must share one student (it is shown once)")
 
 
 
@@ -245,6 +253,17 @@ def ablation_records() -> list[str]:
     ]
 
 
+def finetuned_tables() -> list[str]:
+    """The paper's Table 2 analogue, when the config names its pairs."""
+    return [f"{R}/tables/finetuned_teachers.md"] if config["report"]["finetuned_teachers"] else []
+
+
+def pair_sources() -> dict[str, list[str]]:
+    """pair -> [teacher, student] hub ids ("" for a random model): what the paper's numbers are matched on."""
+    return {pair: [config["models"][p[role]].get("source", "") for role in ("teacher", "student")]
+            for pair, p in config["pairs"].items()}
+
+
 def manifests() -> dict[str, str]:
     names = {n for p in config["pairs"].values() for n in (p["teacher"], p["student"])}
     return {n: model_manifest(n) for n in sorted(names)}
@@ -266,6 +285,7 @@ def final_outputs() -> list[str]:
     return [
         f"{R}/tables/main.md",
         f"{R}/tables/models.md",
+        *finetuned_tables(),
         f"{R}/figures/main.png",
         *analysis_outputs(),
     ]

@@ -7,6 +7,7 @@ rule aggregate:
         records=eval_records(),
         manifests=list(manifests().values()),
         transfers=transfer_records(),
+        paper=PAPER_REPORTED,
     output:
         main=report(f"{R}/tables/main.md", caption="../report/main_table.rst", category="Tables"),
         models=report(f"{R}/tables/models.md", caption="../report/models_table.rst", category="Tables"),
@@ -16,12 +17,17 @@ rule aggregate:
         ablations=[
             report(path, caption="../report/ablation.rst", category="Ablations") for path in ablation_tables()
         ],
+        finetuned=[
+            report(path, caption="../report/finetuned_teachers.rst", category="Tables") for path in finetuned_tables()
+        ],
     params:
         ablation_rows=ablation_rows(),
         ablation_tasks=config["ablations"].get("tasks", TASKS),
         methods=METHODS,
         tasks=TASKS,
         pairs=list(config["pairs"]),
+        pair_sources=pair_sources(),
+        finetuned_teachers=config["report"]["finetuned_teachers"],
         model_names=list(manifests()),
         method_configs=method_configs(),
         profile=config["profile"],

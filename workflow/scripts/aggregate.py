@@ -5,9 +5,12 @@ from semalign.pipeline import start_job
 from semalign.report import (
     ablation_table,
     cost_table,
+    finetuned_teachers_table,
     hparam_table,
+    load_paper_reported,
     load_records,
     main_table,
+    match_reported,
     model_table,
     run_facts,
     summarise,
@@ -19,7 +22,11 @@ p, inp, out = snakemake.params, snakemake.input, snakemake.output
 summary = summarise(load_records(inp.records))
 summary.to_csv(out.summary, index=False)
 scale = "" if p.profile == "paper" else f" — small-scale profile '{p.profile}', not comparable to the paper's numbers"
-write_table(main_table(summary, p.methods, p.tasks), Path(out.main).with_suffix(""), f"Main results{scale}")
+paper = match_reported(load_paper_reported(inp.paper), p.pair_sources)
+write_table(main_table(summary, p.methods, p.tasks, paper), Path(out.main).with_suffix(""), f"Main results{scale}")
+if p.finetuned_teachers:
+    write_table(finetuned_teachers_table(summary, p.finetuned_teachers, p.methods, paper),
+                Path(out.finetuned[0]).with_suffix(""), f"Transfer from fine-tuned teachers (paper's Table 2){scale}")
 models = model_table(dict(zip(p.model_names, inp.manifests)))
 write_table(models, Path(out.models).with_suffix(""), f"Models ({p.profile})")
 
