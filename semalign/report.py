@@ -331,3 +331,45 @@ def cost_gain_figure(cost: pd.DataFrame, summary: pd.DataFrame, stem: Path) -> N
     ax.set_title("Cost vs gain")
     fig.tight_layout()
     _save(fig, stem)
+
+
+def loss_curves_figure(curves: dict[str, pd.DataFrame], stem: Path, title: str) -> None:
+    """Training curves of one (pair, task, seed): frontier methods (curves with a ``stage`` column) get one
+    segment per stage, each layer loss divided by its stage's first value so stages of different scale share an
+    axis, with the output KL where a stage has one; every other method's loss against its optimiser step."""
+    frontier = {m: c for m, c in curves.items() if "stage" in c}
+    others = {m: c for m, c in curves.items() if "stage" not in c}
+    fig, axes = plt.subplots(1, 1 + bool(frontier), figsize=(6 + 6 * bool(frontier), 4), squeeze=False)
+    if frontier:
+        ax = axes[0, 0]
+        for method, c in frontier.items():
+            x0 = 0
+            for i, (stage, sc) in enumerate(c.groupby("stage", sort=False)):
+                xs = range(x0, x0 + len(sc))
+                first = sc["layer_loss"].iloc[0]
+                if first:
+                    ax.plot(xs, sc["layer_loss"] / first, color=plt.cm.viridis(i / max(1, c.stage.nunique() - 1)))
+                if sc["kl"].any():
+                    kl_label = f"{method}: output KL / its first value"
+                    shown = kl_label in ax.get_legend_handles_labels()[1]
+                    ax.plot(xs, sc["kl"] / sc["kl"].iloc[0], color="tab:red", ls="--", label=None if shown else kl_label)
+                ax.text(x0 + len(sc) / 2, 1.02, str(stage), ha="center", va="bottom", fontsize=7,
+                        transform=ax.get_xaxis_transform())
+                x0 += len(sc)
+                ax.axvline(x0 - 0.5, color="grey", lw=0.4)
+        ax.set(xlabel="optimiser step (one segment per frontier stage, labelled by student layer)",
+               ylabel="layer loss / its stage's first value")
+        ax.set_title(f"{', '.join(frontier)}: frontier stages", pad=14)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    ax = axes[0, -1]
+    for method, c in others.items():
+        y = c["loss"] if "loss" in c else c["total"]
+        ax.plot(range(len(c)), y, marker="o", ms=2, label=method)
+    ax.set(xlabel="optimiser step", ylabel="training loss (each method's own objective)", yscale="log",
+           title="Other transfer methods")
+    if others:
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, stem)

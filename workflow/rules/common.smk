@@ -23,6 +23,7 @@ PAPER_REPORTED = str(Path(workflow.basedir, "semalign", "paper_reported.yaml")) 
 LOGS = f"logs/{config['profile']}"
 BENCH = f"{R}/benchmarks"
 SEEDS = config["seeds"]
+ABLATION_SEEDS = config["ablations"].get("seeds", SEEDS)
 TASKS = config["tasks"]
 METHODS = config["methods"]
 THREADS = config["threads"]  # Snakemake scales it down to --cores; no workflow.cores here, --report has none
@@ -64,6 +65,8 @@ def check_config() -> None:
     for m in list(config["ablations"]["methods"]):
         if m not in METHODS:
             raise ValueError(f"config: ablations.methods.{m}: {m!r} is not in methods")
+    if extra := sorted(set(ABLATION_SEEDS) - set(SEEDS)):
+        raise ValueError(f"config: ablations.seeds {extra} not in seeds {SEEDS}: the reference row runs at `seeds`")
     for pair, p in config["pairs"].items():
         for role in ("teacher", "student"):
             if p[role] not in config["models"]:
@@ -78,7 +81,6 @@ def check_config() -> None:
             raise ValueError(f"config: report.finetuned_teachers names {pair!r}, not a key of pairs ({known})")
     if len({config["pairs"][pair]["student"] for pair in table2}) > 1:
         raise ValueError("config: report.finetuned_teachers: the pairs must share one student (it is shown once)")
-
 
 
 def model_manifest(name: str) -> str:
@@ -249,7 +251,7 @@ def ablation_records() -> list[str]:
         for pair in config["pairs"]
         for task in tasks
         for variant in ABLATIONS
-        for seed in SEEDS
+        for seed in ABLATION_SEEDS
     ]
 
 
@@ -281,12 +283,19 @@ def analysis_outputs() -> list[str]:
     ]
 
 
+def loss_curve_figures() -> list[str]:
+    if not trained_methods():
+        return []
+    return [f"{R}/figures/loss_curves/{pair}/{task}.png" for pair in config["pairs"] for task in TASKS]
+
+
 def final_outputs() -> list[str]:
     return [
         f"{R}/tables/main.md",
         f"{R}/tables/models.md",
         *finetuned_tables(),
         f"{R}/figures/main.png",
+        *loss_curve_figures(),
         *analysis_outputs(),
     ]
 

@@ -14,6 +14,7 @@ rule aggregate:
         cost=report(f"{R}/tables/cost.md", caption="../report/cost_table.rst", category="Tables"),
         hparams=report(f"{R}/tables/hparams.md", caption="../report/hparams_table.rst", category="Tables"),
         summary=f"{R}/tables/summary.csv",
+        ablation_summary=[f"{R}/tables/ablation_summary.csv"] if ablation_rows() else [],
         ablations=[
             report(path, caption="../report/ablation.rst", category="Ablations") for path in ablation_tables()
         ],
@@ -23,6 +24,8 @@ rule aggregate:
     params:
         ablation_rows=ablation_rows(),
         ablation_tasks=config["ablations"].get("tasks", TASKS),
+        ablation_seeds=ABLATION_SEEDS,
+        reference_methods=[m for m in METHODS if method_cls(m).reference],
         methods=METHODS,
         tasks=TASKS,
         pairs=list(config["pairs"]),
@@ -42,6 +45,7 @@ rule aggregate:
 rule figures:
     input:
         summary=f"{R}/tables/summary.csv",
+        ablation_summary=[f"{R}/tables/ablation_summary.csv"] if ablation_rows() else [],
         cost=f"{R}/tables/cost.md",
     output:
         main=report(f"{R}/figures/main.png", caption="../report/main_figure.rst", category="Figures"),
@@ -61,3 +65,18 @@ rule figures:
         "../envs/semalign.yaml"
     script:
         "../scripts/figures.py"
+
+
+rule loss_curves:
+    input:
+        unpack(lambda wc: {m: f"{R}/transfer/{wc.pair}/{wc.task}/{m}/seed{SEEDS[0]}/transfer.json" for m in trained_methods()}),
+    output:
+        report(f"{R}/figures/loss_curves/{{pair}}/{{task}}.png", caption="../report/loss_curves.rst", category="Training"),
+    params:
+        seed=SEEDS[0],
+    log:
+        f"{LOGS}/loss_curves/{{pair}}/{{task}}.log",
+    conda:
+        "../envs/semalign.yaml"
+    script:
+        "../scripts/loss_curves.py"
