@@ -30,7 +30,7 @@ from semalign.cache import TeacherCache
 from semalign.data import write_csv
 from semalign.losses import DEFAULT_INTERFACE, LOSSES, layer_loss
 from semalign.models import backbone, decoder_layers, embed_tokens, final_norm, lm_head
-from semalign.pairing import teacher_layers_needed, validate_pairing
+from semalign.pairing import STRATEGIES, teacher_layers_needed, validate_pairing
 from semalign.training import (
     apply_lora,
     atomic_torch_save,
@@ -76,7 +76,7 @@ class SemAlignConfig:
                   "interface": (self.interface, (None, "residual", "output")),
                   "recompose": (self.recompose, ("semantic", "projector")),
                   "trainable": (self.trainable, ("lora", "full")),
-                  "pairing": (self.pairing, ("attributed", "depth_ratio", "interpolated", "last_only", "random")),
+                  "pairing": (self.pairing, STRATEGIES),
                   "attribution": (self.attribution, ("grad_x_act", "logit_lens", "random"))}
         for key, (value, allowed) in checks.items():
             if value not in allowed:

@@ -25,7 +25,7 @@ Strategies:
   target = (1 - lambda) h^(a) + lambda h^(b) (verbatim formula, applied at every k; zero-weight terms dropped).
 - ``last_only``: only the last student layer, supervised by the last teacher layer.
 - ``cka``: the monotone (non-decreasing) map maximising the summed CKA (dynamic programming over a
-  [L_S, L_T] CKA matrix): the argmax per row constrained to keep depth order.
+  [L_S, L_T] CKA matrix, from :mod:`semalign.similarity`): the argmax per row constrained to keep depth order.
 - ``random``: seeded; L_S teacher layers drawn without replacement when L_S <= L_T (with replacement otherwise),
   sorted so depth order is kept.
 """
@@ -153,17 +153,3 @@ def teacher_layers_needed(pairing: dict, residual: bool = True) -> list[int]:
         layers |= {l - 1 for l in layers}
     return sorted(layers)
 
-
-def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear CKA (Kornblith et al. 2019) between [n, p] and [n, q] representations of the same n examples:
-    ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F), columns centred. Invariant to orthogonal transforms
-    and isotropic scaling, so it compares layers of different widths."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"linear_cka needs the same examples on both sides, got {x.shape[0]} vs {y.shape[0]}")
-    x = x - x.mean(0)
-    y = y - y.mean(0)
-    num = np.linalg.norm(y.T @ x) ** 2
-    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    return float(num / den) if den > 0 else 0.0

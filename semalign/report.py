@@ -9,8 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from semalign.data import atomic_write_text  # noqa: E402
@@ -372,4 +374,25 @@ def loss_curves_figure(curves: dict[str, pd.DataFrame], stem: Path, title: str) 
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    _save(fig, stem)
+
+
+def cka_figure(before: dict[str, np.ndarray], after: dict[str, np.ndarray], stem: Path, after_label: str, title: str = "") -> None:
+    """Paper Figs. 4-5 in one 2x2 grid: student self-similarity (top) and teacher-student CKA (bottom), before
+    (untouched student) and after transfer with ``after_label``; ``before``/``after`` are
+    :func:`semalign.similarity.read_cka` dicts. One colour scale 0..1, so the panels compare by colour."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8.5), layout="constrained")
+    rows = [("student_self", "student layer", "student self-similarity"),
+            ("teacher_student", "teacher layer", "teacher-student CKA")]
+    for r, (name, xlabel, what) in enumerate(rows):
+        for c, (label, mats) in enumerate([("before (untouched student)", before), (f"after ({after_label})", after)]):
+            m, ax = mats[name], axes[r, c]
+            image = ax.imshow(m, origin="lower", vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                              extent=(0.5, m.shape[1] + 0.5, 0.5, m.shape[0] + 0.5))
+            ax.set(xlabel=xlabel, ylabel="student layer", title=f"{what}: {label}")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(MaxNLocator(nbins=10, integer=True, min_n_ticks=1))
+    fig.colorbar(image, ax=axes, shrink=0.8, label="linear CKA")
+    if title:
+        fig.suptitle(title)
     _save(fig, stem)

@@ -37,9 +37,10 @@ def test_hparam_table_marks_missing_parameters():
 
 
 def test_figures_render(tmp_path):
+    import numpy as np
     import pandas as pd
 
-    from semalign.report import cost_gain_figure, main_figure
+    from semalign.report import cka_figure, cost_gain_figure, main_figure
 
     summary = pd.DataFrame([
         {"pair": "p", "method": m, "task": t, "score": s, "score_ci95": 0.01, "nll": n, "nll_ci95": 0.1}
@@ -49,7 +50,10 @@ def test_figures_render(tmp_path):
                          {"pair": "p", "task": "gsm8k", "method": "semalign@loss=v1", "wall / kd": 0.5}])
     main_figure(summary, ["kd", "semalign@loss=v1"], ["gsm8k"], tmp_path / "abl", labels={"kd": "x"}, title="T")
     cost_gain_figure(cost, summary, tmp_path / "cg")
-    for stem in ("abl", "cg"):
+    rng = np.random.default_rng(0)
+    cka = {"teacher_student": rng.random((3, 5)), "student_self": rng.random((3, 3))}
+    cka_figure(cka, cka, tmp_path / "cka", after_label="semalign", title="CKA: p / humaneval")
+    for stem in ("abl", "cg", "cka"):
         assert (tmp_path / f"{stem}.png").stat().st_size > 5_000 and (tmp_path / f"{stem}.pdf").exists()
 
 

@@ -85,6 +85,23 @@ def test_ablations_expand_into_variant_jobs(tmp_path):
     assert "results/smoke/tables/ablation_semalign__loss.md" in out
 
 
+def test_mini_plans_cka_analysis_and_pairing(tmp_path):
+    """CKA (paper Figs. 4-5) is in the plan: the untouched student's CKA feeds the `cka` pairing ablation, the
+    configured method's trained student (first seed) the figure's "after" panels, on HumanEval only."""
+    res = snakemake(tmp_path, profile("mini"), "-n", "--forceall")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, res.stderr[-3000:]
+    pair = "smollm2-135m_to_mini"
+    assert f"Transfer semalign@pairing=cka: {pair} / gsm8k / seed 0" in out
+    assert "Evaluating semalign@pairing=cka on gsm8k" in out
+    assert f"CKA of the none student with the teacher and itself: {pair} / gsm8k" in out  # the pairing's input
+    assert f"results/mini/cka/{pair}/gsm8k/none.csv" in out and f"results/mini/pairing/{pair}/gsm8k/cka.json" in out
+    assert f"CKA of the semalign student with the teacher and itself: {pair} / humaneval" in out
+    assert f"CKA figure: {pair} / humaneval" in out and f"results/mini/figures/cka_{pair}_humaneval.png" in out
+    # gsm8k's for the pairing ablation, humaneval's before and after: nothing on the other tasks
+    assert out.count("CKA of the ") == 3 and out.count("CKA figure: ") == 1
+
+
 def test_slurm_profile_names_only_real_rules(tmp_path):
     """A typo in the cluster profile's per-rule resources would silently fall back to the defaults."""
     slurm = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
@@ -109,6 +126,8 @@ def test_slurm_profile_names_only_real_rules(tmp_path):
         (lambda c: c["ablations"]["methods"]["semalign"].update(loss=["v9"]), "v9"),
         (lambda c: c["method_params"]["kd"].update(epochz=2), "epochz"),
         (lambda c: c.update(report={"finetuned_teachers": ["tiny", "ghost_pair"]}), "ghost_pair"),
+        (lambda c: c.setdefault("analysis", {}).update(cka_method="none"), "cka_method"),
+        (lambda c: c.setdefault("analysis", {}).update(cka_tasks=["humaneval", "hellaswag"]), "hellaswag"),
     ],
 )
 def test_bad_config_rejected_naming_the_key(tmp_path, mutate, culprit):

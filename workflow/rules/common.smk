@@ -1,5 +1,6 @@
 # Config loading, validation and every input function. Rules only name what they need.
 import os
+import re
 from pathlib import Path
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -32,7 +33,7 @@ ATTRIBUTIONS = "grad_x_act|logit_lens|random"
 
 wildcard_constraints:
     attribution=ATTRIBUTIONS,
-    pairing=rf"(attributed-({ATTRIBUTIONS})|depth_ratio|interpolated|last_only|random)",
+    pairing=rf"(attributed-({ATTRIBUTIONS})|depth_ratio|interpolated|last_only|cka|random)",
     seed=r"\d+",
     method=r"[A-Za-z0-9_]+(@[A-Za-z0-9_]+=[^/]+)?",
 
@@ -77,10 +78,14 @@ def check_config() -> None:
     table2 = config["report"]["finetuned_teachers"]
     for pair in table2:
         if pair not in config["pairs"]:
-            known = ", ".join(config["pairs"])
-            raise ValueError(f"config: report.finetuned_teachers names {pair!r}, not a key of pairs ({known})")
+            raise ValueError(f"config: report.finetuned_teachers names {pair!r}, not a key of pairs "
+                             f"({', '.join(config['pairs'])})")
     if len({config["pairs"][pair]["student"] for pair in table2}) > 1:
         raise ValueError("config: report.finetuned_teachers: the pairs must share one student (it is shown once)")
+    cka_method = config["analysis"]["cka_method"]
+    if cka_method not in known or method_cls(cka_method).reference:
+        raise ValueError(f"config: analysis.cka_method = {cka_method!r} is not a trained method; choose one of "
+                         f"{', '.join(m for m in known if not method_cls(m).reference)}")
 
 
 def model_manifest(name: str) -> str:
@@ -130,6 +135,11 @@ def evaluated_model(wc) -> str:
     return f"{R}/transfer/{wc.pair}/{wc.task}/{wc.method}/seed{wc.seed}/transfer.json"
 
 
+def cka_student(wc) -> str:
+    """The student `cka` compares: the untouched one (``none``), or what `evaluate` reads for the first seed."""
+    return evaluated_model(SimpleNamespace(pair=wc.pair, task=wc.task, method=wc.method, seed=SEEDS[0]))
+
+
 def pairing_file(method: str, pair: str, task: str) -> str | None:
     """The layer pairing a method trains with (None for methods without one). Attributed pairings are named
     after their attribution method, so ablations over either never collide."""
@@ -145,6 +155,8 @@ def pairing_inputs(wc) -> dict:
     inputs = {"teacher": pair_model("teacher")(wc), "student": pair_model("student")(wc)}
     if wc.pairing.startswith("attributed-"):
         inputs["scores"] = f"{R}/attribution/{wc.pair}/{wc.task}/{wc.pairing.removeprefix('attributed-')}.csv"
+    if wc.pairing == "cka":
+        inputs["cka"] = f"{R}/cka/{wc.pair}/{wc.task}/none.csv"  # untouched student: no cycle through transfer
     return inputs
 
 
@@ -271,16 +283,30 @@ def manifests() -> dict[str, str]:
     return {n: model_manifest(n) for n in sorted(names)}
 
 
-def analysis_outputs() -> list[str]:
-    """Fig. 2 per model and the attribution profile per teacher x task, when SemAlign is configured."""
-    if not any(pairing_file(m, p, t) for m in METHODS for p in config["pairs"] for t in TASKS):
+def cka_tasks() -> list[str]:
+    """`analysis.cka_tasks` that this profile runs (the default, HumanEval, may not be among them)."""
+    return [t for t in config["analysis"]["cka_tasks"] if t in TASKS]
+
+
+def cka_figures() -> list[str]:
+    """Paper Figs. 4-5 per pair x CKA task, when `analysis.cka_method` is among the trained methods."""
+    if config["analysis"]["cka_method"] not in trained_methods():
         return []
-    return [f"{R}/bases/{m}/decomposition.png" for m in manifests()] + [
-        f"{R}/attribution/{pair}/{task}/{a}.png"
-        for pair in config["pairs"]
-        for task in TASKS
-        for a in config["analysis"]["attribution_methods"]
-    ]
+    return [f"{R}/figures/cka_{pair}_{task}.png" for pair in config["pairs"] for task in cka_tasks()]
+
+
+def analysis_outputs() -> list[str]:
+    """Fig. 2 per model and the attribution profile per teacher x task, when SemAlign is configured; the CKA
+    figures when their method is."""
+    outputs = cka_figures()
+    if any(pairing_file(m, p, t) for m in METHODS for p in config["pairs"] for t in TASKS):
+        outputs += [f"{R}/bases/{m}/decomposition.png" for m in manifests()] + [
+            f"{R}/attribution/{pair}/{task}/{a}.png"
+            for pair in config["pairs"]
+            for task in TASKS
+            for a in config["analysis"]["attribution_methods"]
+        ]
+    return outputs
 
 
 def loss_curve_figures() -> list[str]:

@@ -82,3 +82,57 @@ rule pairing:
         "../envs/semalign.yaml"
     script:
         "../scripts/pairing.py"
+
+
+# Linear CKA of a student's layers with the teacher's and with its own (paper Figs. 4-5), on a transfer split.
+# method `none` is the untouched student (input of the `cka` pairing); a trained method's first-seed student.
+rule cka:
+    input:
+        teacher=pair_model("teacher"),
+        student=cka_student,
+        splits=f"{R}/splits/{{task}}/manifest.json",
+    output:
+        f"{R}/cka/{{pair}}/{{task}}/{{method}}.csv",
+    params:
+        split=config["analysis"]["cka_split"],
+        max_tokens=config["analysis"]["cka_max_tokens"],
+        max_len=config["data"]["max_len"],
+        batch_size=config["cache"]["batch_size"],
+        seed=config["data"]["seed"],
+        device=config["device"],
+    log:
+        f"{LOGS}/cka/{{pair}}/{{task}}/{{method}}.log",
+    benchmark:
+        f"{BENCH}/cka/{{pair}}/{{task}}/{{method}}.tsv"
+    threads: THREADS
+    resources:
+        gpu=config["gpus_per_job"],
+    conda:
+        "../envs/semalign.yaml"
+    message:
+        "CKA of the {wildcards.method} student with the teacher and itself: {wildcards.pair} / {wildcards.task}"
+    script:
+        "../scripts/cka.py"
+
+
+# Paper Figs. 4-5: the CKA heatmaps before (untouched student) and after transfer (`analysis.cka_method`).
+rule cka_figure:
+    input:
+        before=f"{R}/cka/{{pair}}/{{task}}/none.csv",
+        after=f"{R}/cka/{{pair}}/{{task}}/{config['analysis']['cka_method']}.csv",
+    output:
+        png=report(f"{R}/figures/cka_{{pair}}_{{task}}.png", caption="../report/cka.rst", category="CKA"),
+        pdf=f"{R}/figures/cka_{{pair}}_{{task}}.pdf",
+    params:
+        method=config["analysis"]["cka_method"],
+    wildcard_constraints:
+        pair="|".join(map(re.escape, config["pairs"])),
+        task="|".join(TASKS),
+    log:
+        f"{LOGS}/cka_figure/{{pair}}/{{task}}.log",
+    conda:
+        "../envs/semalign.yaml"
+    message:
+        "CKA figure: {wildcards.pair} / {wildcards.task}"
+    script:
+        "../scripts/cka_figure.py"

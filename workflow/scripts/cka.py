@@ -1,0 +1,19 @@
+from pathlib import Path
+
+from semalign.data import read_jsonl
+from semalign.pipeline import evaluated_model_dir, resolve_device, start_job
+from semalign.similarity import cka_report
+
+start_job(snakemake)
+p, inp = snakemake.params, snakemake.input
+cka_report(
+    Path(inp.teacher).parent,
+    evaluated_model_dir(Path(inp.student)),
+    read_jsonl(Path(inp.splits).parent / f"{p.split}.jsonl"),
+    p.max_len,
+    Path(snakemake.output[0]),
+    max_tokens=p.max_tokens,
+    batch_size=p.batch_size,
+    seed=p.seed,
+    device=resolve_device(p.device),
+)
