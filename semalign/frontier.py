@@ -62,7 +62,7 @@ class SemAlignConfig:
     weight_decay: float = 0.0  # ours (paper silent)
     lambda_layer: float = 1.0  # ours: v1's sum is unweighted, so 1 / 1
     lambda_kl: float = 1.0
-    kl_every_stage: bool = True  # output term at every stage (True) or only at the last stage
+    kl_every_stage: bool = True  # output term at every stage (True) or only at the last stage; kl_only: always
     temperature: float = 1.0  # KL temperature (paper silent)
     lora_r: int = 16
     lora_alpha: int = 16
@@ -83,8 +83,6 @@ class SemAlignConfig:
                 raise ValueError(f"semalign.{key} must be one of {allowed}, got {value!r}")
         if self.loss == "acl" and self.interface == "residual":
             raise ValueError("semalign.loss=acl reads the layer *output* through the head; use interface: output")
-        if self.loss == "kl_only" and not self.kl_every_stage:
-            raise ValueError("semalign.loss=kl_only needs kl_every_stage: true (otherwise stages have no loss)")
 
     @property
     def resolved_interface(self) -> str:
@@ -160,6 +158,12 @@ def teacher_state(cache: TeacherCache, pair: dict, idx: torch.Tensor, T: int, in
             x = x - cache.layer(l - 1)[idx, :T].to(dev, torch.float32)
         total = w * x if total is None else total + w * x
     return total
+
+
+def _with_output(cfg: SemAlignConfig, last_stage: bool) -> bool:
+    """Whether a stage trains the output KL. KL-only has no other term, so it trains it at every stage whatever
+    ``kl_every_stage`` says: the ablation then differs from its reference in the layer supervision alone."""
+    return cfg.kl_every_stage or last_stage or cfg.loss == "kl_only"
 
 
 def _read_out(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -238,7 +242,7 @@ def train_frontier(
             projector = torch.nn.Linear(d_t, h_prev.shape[-1], bias=False, device=dev)
             params += list(projector.parameters())
         stage = _Stage(model, cache, head_t, pair_of[k], k, L_S, m, projector,
-                       with_output=cfg.kl_every_stage or k == stages[-1], cfg=cfg, interface=interface)
+                       with_output=_with_output(cfg, k == stages[-1]), cfg=cfg, interface=interface)
         if cfg.loss == "hidden_mse" and projector is None:
             stage.calibrate(h_prev, data["attention_mask"])
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -180,11 +180,20 @@ def test_nan_loss_stops_clearly_and_writes_nothing(setup, tmp_path):
 def test_config_errors_and_param_count(setup):
     with pytest.raises(ValueError, match="semalign.loss"):
         SemAlignConfig(loss="v9")
-    with pytest.raises(ValueError, match="kl_every_stage"):
-        SemAlignConfig(loss="kl_only", kl_every_stage=False)
     model, _ = load_model(setup[1], device="cpu")
     # student: hidden 32, intermediate 64, 2 heads of 16, 1 kv head -> v: 32->16, o: 32->32, up: 32->64, down: 64->32
     assert stage_trainable_params(model, SemAlignConfig()) == 16 * ((32 + 16) + (32 + 32) + (32 + 64) + (64 + 32))
+
+
+def test_kl_only_trains_the_output_at_every_stage(setup, tmp_path):
+    """Regression: kl_only with kl_every_stage=false was refused, which kept KL-only off the mini ablations; it now
+    trains the KL at every stage (its only term), so every stage has a nonzero KL and moves its layer."""
+    before, model = _run_direct(setup, tmp_path, loss="kl_only", kl_every_stage=False)
+    with open(tmp_path / "loss_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["stage"] for r in rows} == {"1", "2"}
+    assert all(float(r["kl"]) > 0 and float(r["layer_loss"]) == 0 for r in rows)
+    assert _changed(before, model) == ["0", "1"]
 
 
 def test_missing_teacher_layers_is_a_clear_error(setup, tmp_path):
