@@ -69,6 +69,8 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str |
         torch.cuda.reset_peak_memory_stats()
     shapes = {role: (m["num_layers"], m["hidden_size"])
               for role, m in (("teacher", load_manifest(ctx.teacher)), ("student", load_manifest(ctx.student)))}
+    # a re-run after a crash resumes from checkpoints: its wall time is the remainder only, not the cost
+    resumed = any((ctx.out_dir / "ckpt").rglob("*.pt"))
     t0 = time.perf_counter()
     with count_layer_passes(shapes) as passes:
         model_path = impl.run(ctx)
@@ -80,6 +82,8 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str |
         "seed": ctx.seed,
         "model_path": str(model_path),
         "wall_seconds": wall,
+        "resumed": resumed,
+        "threads": torch.get_num_threads(),
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         "params": ctx.params,

@@ -183,7 +183,8 @@ def cost_table(records: list[dict], runs: dict[tuple[str, str], dict], reference
     teacher forwards per training example (the shared cache's, when the method reads it, plus its own),
     student decoder-layer forward/backward passes per example (a pass = one example through one layer:
     L_S x epochs for plain training, other counts for a frontier schedule), and student throughput in
-    model-equivalent tokens per second (layer-token forwards / L_S / wall).
+    model-equivalent tokens per second (layer-token forwards / L_S / wall). Runs resumed from a checkpoint
+    report only their remainder (time and passes), so they are left out of those means and counted instead.
 
     ``runs[(pair, task)]``: ``n_train``, ``teacher_layers``, ``student_layers``, ``cache_forwards``.
     """
@@ -191,21 +192,27 @@ def cost_table(records: list[dict], runs: dict[tuple[str, str], dict], reference
     for r in records:
         run, c = runs[(r["pair"], r["task"])], r.get("layer_passes", {})
         n = run["n_train"]
+        timed = not r.get("resumed", False)
         teacher_fwd = c.get("teacher_layer_forward_rows", 0) / (run["teacher_layers"] * n)
         if r.get("uses_teacher_cache"):
             teacher_fwd += run["cache_forwards"] / n
+        nan = float("nan")
         rows.append({
             "pair": r["pair"], "task": r["task"], "method": r["method"],
-            "wall (s)": r["wall_seconds"],
+            "wall (s)": r["wall_seconds"] if timed else nan,
             "peak RSS (MB)": r["peak_rss_mb"],
             "peak GPU (MB)": r["peak_gpu_mb"],
             "trainable params": r.get("trainable_params", 0),
-            "teacher fwd / example": teacher_fwd,
-            "student layer fwd / example": c.get("student_layer_forward_rows", 0) / n,
-            "student layer bwd / example": c.get("student_layer_backward_rows", 0) / n,
-            "tokens/s": c.get("student_layer_forward_tokens", 0) / run["student_layers"] / r["wall_seconds"],
+            "teacher fwd / example": teacher_fwd if timed else nan,
+            "student layer fwd / example": c.get("student_layer_forward_rows", 0) / n if timed else nan,
+            "student layer bwd / example": c.get("student_layer_backward_rows", 0) / n if timed else nan,
+            "tokens/s": c.get("student_layer_forward_tokens", 0) / run["student_layers"] / r["wall_seconds"]
+            if timed else nan,
+            "resumed runs": int(not timed),
         })
-    df = pd.DataFrame(rows).groupby(["pair", "task", "method"], sort=False).mean().reset_index()
+    groups = pd.DataFrame(rows).groupby(["pair", "task", "method"], sort=False)
+    df = groups.mean().reset_index()
+    df["resumed runs"] = groups["resumed runs"].sum().to_numpy()
     ref = df[df["method"] == reference].set_index(["pair", "task"])["wall (s)"]
     if not ref.empty:
         keys = pd.MultiIndex.from_frame(df[["pair", "task"]])
