@@ -264,7 +264,7 @@ def write_layer_profile(
     curves: dict[str, dict[int, float]], csv_path: Path, png_path: Path, *, columns: tuple[str, str, str],
     ylabel: str, title: str, normalise: bool = False, ylim: tuple[float, float] | None = None,
 ) -> None:
-    """One value per layer for several series (bases, attribution methods): a long csv and a line plot.
+    """One value per layer for several series (bases, attribution methods): a long csv and a line plot (png, pdf).
 
     ``columns`` names the csv columns (series, layer, value); ``normalise`` min-max scales each series in the
     plot only, for series whose units differ."""
@@ -283,9 +283,7 @@ def write_layer_profile(
         ax.set_ylim(*ylim)
     ax.legend()
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=150)
-    plt.close(fig)
+    _save(fig, png_path.with_suffix(""))
 
 
 def _save(fig: plt.Figure, stem: Path) -> None:

@@ -74,7 +74,7 @@ def test_random_is_seeded_and_writer(model, batch, tmp_path):
         layer_scores(model, batch, method="saliency")
     write_layer_scores({"grad_x_act": [1.0, 3.0, 2.0], "random": a}, tmp_path / "a.csv", tmp_path / "a.png")
     assert (tmp_path / "a.csv").read_text().splitlines()[1] == "grad_x_act,1,1"
-    assert (tmp_path / "a.png").exists()
+    assert (tmp_path / "a.png").exists() and (tmp_path / "a.pdf").exists()
 
 
 def test_records_path_uses_shared_tokenisation(tokenizer_dir, chat_records):

@@ -91,7 +91,7 @@ def test_decomposition_check_per_layer(tmp_path, tied):
     assert decomposition_check(model, states, "random", seed=1) == results["random"]  # seeded
     write_decomposition(results, tmp_path / "fig2.csv", tmp_path / "fig2.png", title="tiny")
     assert (tmp_path / "fig2.csv").read_text().count("\n") == 1 + 3 * 4
-    assert (tmp_path / "fig2.png").stat().st_size > 0
+    assert (tmp_path / "fig2.png").stat().st_size > 0 and (tmp_path / "fig2.pdf").exists()  # figures: png + pdf
     with pytest.raises(ValueError, match="basis must be"):
         decomposition_check(model, states, "bogus")
 
