@@ -19,8 +19,8 @@ from semalign.report import (
 
 start_job(snakemake)
 p, inp, out = snakemake.params, snakemake.input, snakemake.output
-records = load_records(inp.records)
-summary = summarise(records)
+evals = load_records(inp.records)
+summary = summarise(evals)
 summary.to_csv(out.summary, index=False)
 scale = "" if p.profile == "paper" else f" — small-scale profile '{p.profile}', not comparable to the paper's numbers"
 paper = match_reported(load_paper_reported(inp.paper), p.pair_sources)
@@ -43,7 +43,7 @@ write_table(cost_table(records, runs), Path(out.cost).with_suffix(""), f"Transfe
 write_table(hparam_table(p.method_configs), Path(out.hparams).with_suffix(""), f"Hyperparameters ({p.profile})")
 if p.ablation_rows:
     # every ablation row (the reference too) at the ablation seeds; reference rows (teacher, student) run once
-    at_seeds = summarise(records[records.seed.isin(p.ablation_seeds) | records.method.isin(p.reference_methods)])
+    at_seeds = summarise(evals[evals.seed.isin(p.ablation_seeds) | evals.method.isin(p.reference_methods)])
     at_seeds.to_csv(out.ablation_summary[0], index=False)
     seeds = f", seeds {', '.join(map(str, p.ablation_seeds))}"
     for (name, rows), path in zip(p.ablation_rows.items(), out.ablations):
