@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
 from collections import Counter
@@ -58,6 +59,17 @@ def count_layer_passes(roles: dict[str, tuple[int, int]]) -> Iterator[Counter]:
         handle.remove()
 
 
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete the temporaries (``.<name>.tmp``, ``.<name>.tmp.<suffix>``) a killed run left behind. Writes are
+    atomic (temporary + rename), so a SIGKILL never leaves a partial checkpoint or model under its real name, but
+    it can leave the temporary it was writing: the re-run removes it instead of letting it pile up."""
+    for path in sorted(out_dir.rglob(".*.tmp*"), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str | None = None) -> dict[str, Any]:
     """Run one method and record what it cost; ``transfer.json`` is written last, so it marks completion.
     ``label``: the row name in tables (an ablation variant ``method@key=value``), default ``method``."""
@@ -65,6 +77,7 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str |
 
     impl = get_method(method)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(ctx.out_dir)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     shapes = {role: (m["num_layers"], m["hidden_size"])
