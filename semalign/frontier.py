@@ -2,7 +2,8 @@
 
 Stage k, for each student layer k listed in the pairing (increasing):
 1. the frozen prefix output h_{k-1} of *all* training rows is brought up to date ONCE (running only the layers
-   between the last stored state and k-1; layers < k are never re-run per step);
+   between the last stored state and k-1; layers < k are never re-run per step, and nothing runs after the
+   last stage or over stages a resumed run reloads);
 2. only layer k is trainable (all its weights, or LoRA r=16 on its up/down/v/o projections, merged at the end
    of the stage); per step the layer runs on the stored h_{k-1}, its loss compares it with the aligned teacher
    target of the paired layer(s) from the cache, and, every stage or only at the last one, the frozen suffix
@@ -206,7 +207,7 @@ def train_frontier(
     pair_of = {p["student"]: p for p in pairing["pairs"]}
     ckpt = checkpoint_dir(out_dir, {"config": cfg.fingerprint(), "pairing": pairing, "seed": seed})
 
-    # Resume: reload every complete stage (contiguous from the first) and rebuild the prefix once.
+    # Resume: reload every complete stage (contiguous from the first); the first stage left rebuilds the prefix.
     curve: list[dict] = []
     done: list[int] = []
     for k in stages:
@@ -220,10 +221,7 @@ def train_frontier(
     with torch.no_grad():
         h_prev = torch.cat([embed_tokens(model)(data["input_ids"][i : i + cfg.prefix_chunk].to(dev)).cpu()
                             for i in range(0, n, cfg.prefix_chunk)])
-    cur = 0  # h_prev is the residual stream after layer `cur`
-    if done:
-        h_prev = prefix_forward(model, h_prev, 1, done[-1], data["attention_mask"], cfg.prefix_chunk)
-        cur = done[-1]
+    cur = 0  # h_prev is the residual stream after layer `cur`; each stage brings it up to date lazily
 
     bs = min(cfg.batch_size, n)
     for k in stages[len(done):]:
@@ -273,8 +271,6 @@ def train_frontier(
         if peft_model is not None:
             model = peft_model.merge_and_unload()
         model.requires_grad_(False)
-        h_prev = prefix_forward(model, h_prev, k, k, data["attention_mask"], cfg.prefix_chunk)
-        cur = k
         curve += stage_rows
         layer_state = {key: v.detach().clone() for key, v in layers[k - 1].state_dict().items()}
         atomic_torch_save({"stage": k, "layer": layer_state, "curve": stage_rows}, ckpt / f"stage_{k}.pt")

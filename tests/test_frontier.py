@@ -95,6 +95,30 @@ def test_prefix_forward_cuts_chunks_to_their_longest_row(setup):
     assert torch.equal(out[~real], h0[~real])
 
 
+def test_prefix_runs_each_frozen_layer_once_and_nothing_after_the_last_stage(setup, tmp_path, monkeypatch):
+    """Regression: the prefix was brought past the last stage (a full pass over every row that nothing read), and
+    a resumed run rebuilt it even when no stage was left to train."""
+    import semalign.frontier as frontier
+
+    ran: list[int] = []
+    real = frontier.prefix_forward
+
+    def counting(model, h, start, end, *args):
+        ran.extend(range(start, end + 1))
+        return real(model, h, start, end, *args)
+
+    monkeypatch.setattr(frontier, "prefix_forward", counting)
+    _run_direct(setup, tmp_path / "a")  # stages 1, 2 of a 2-layer student
+    assert ran == [1]
+    ran.clear()
+    _run_direct(setup, tmp_path / "a")  # everything checkpointed: nothing to bring up to date
+    assert ran == []
+    ran.clear()
+    _run_direct(setup, tmp_path / "b", stop_after_stage=1)
+    _run_direct(setup, tmp_path / "b")  # resumes at stage 2: layer 1 once, on the reloaded weights
+    assert ran == [1]
+
+
 @pytest.mark.parametrize("trainable", ["full", "lora"])
 def test_only_layer_k_changes_at_stage_k(setup, tmp_path, trainable):
     before, after1 = _run_direct(setup, tmp_path / "a", trainable=trainable, stop_after_stage=1)
