@@ -52,8 +52,10 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _cell(mean: float, ci: float, digits: int) -> str:
-    return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci > 0 else "")
+def _cell(mean: float, ci: float, digits: int, seeds: int) -> str:
+    """``mean ± ci`` whenever there were seeds to spread over, so that identical seeds (± 0.0) never read as a
+    single run; a single seed has no interval."""
+    return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if seeds > 1 else "")
 
 
 def load_paper_reported(path: str | Path = PAPER_REPORTED) -> pd.DataFrame:
@@ -109,10 +111,11 @@ def match_reported(paper: pd.DataFrame, sources: dict[str, tuple[str, str]]) -> 
 def _task_cells(r: pd.Series, pair: str, method: str, task: str, paper: Reported | None) -> dict[str, str]:
     """One task's columns of a row: our metric (± CI), the paper's number beside it when given, our NLL."""
     label = TASK_LABELS.get(task, task)
-    cells = {f"{label} {r['metric']}": _cell(100 * r["score"], 100 * r["score_ci95"], 1)}
+    seeds = int(r["seeds"])
+    cells = {f"{label} {r['metric']}": _cell(100 * r["score"], 100 * r["score_ci95"], 1, seeds)}
     if paper is not None:
         cells[paper.column(task)] = paper.cell(pair, method, task)
-    return {**cells, f"{label} NLL": _cell(r["nll"], r["nll_ci95"], 3)}
+    return {**cells, f"{label} NLL": _cell(r["nll"], r["nll_ci95"], 3, seeds)}
 
 
 def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], paper: Reported | None = None) -> pd.DataFrame:
@@ -128,7 +131,7 @@ def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], pape
             ms = ps[ps.method == method].set_index("task")
             if ms.empty:
                 continue
-            row = {"pair": pair, "method": ROW_LABELS.get(method, method)}
+            row = {"pair": pair, "method": ROW_LABELS.get(method, method), "seeds": int(ms["seeds"].max())}
             for task in tasks:
                 if task in ms.index:
                     row.update(_task_cells(ms.loc[task], pair, method, task, paper))
@@ -153,7 +156,8 @@ def finetuned_teachers_table(summary: pd.DataFrame, pairs: list[str], methods: l
         ms = summary[(summary.pair == pair) & (summary.method == method)].set_index("task")
         if ms.empty:
             continue
-        row = {"pair": "all pairs" if method == "none" else pair, "method": ROW_LABELS.get(method, method)}
+        row = {"pair": "all pairs" if method == "none" else pair, "method": ROW_LABELS.get(method, method),
+               "seeds": int(ms["seeds"].max())}
         for task in tasks:
             if task in ms.index:
                 row.update(_task_cells(ms.loc[task], pair, method, task, paper))

@@ -125,7 +125,7 @@ def test_main_table_paper_column_from_the_data_file():
     t = main_table(_summary(list(sources), [*PAPER_METHODS, "kd"], tasks), [*PAPER_METHODS, "kd"], tasks,
                    match_reported(paper, sources))
     cols = list(t.columns)
-    assert cols[2:5] == ["MMLU pass@1", "MMLU paper reported", "MMLU NLL"]  # beside our metric
+    assert cols[2:6] == ["seeds", "MMLU pass@1", "MMLU paper reported", "MMLU NLL"]  # beside our metric
     file = paper.drop_duplicates(["teacher", "method", "task"]).set_index(["teacher", "method", "task"])["score"]
     for _, row in t.iterrows():
         teacher = LLAMA13 if row.pair == "chat" else CODELLAMA
@@ -163,7 +163,7 @@ def test_finetuned_teachers_table_layout():
     summary = _summary(pairs, methods, ["mmlu", "humaneval", "mbpp"])
     t = finetuned_teachers_table(summary, ["code", "wizard", "chat"], methods,
                                  match_reported(load_paper_reported(), sources))
-    assert list(t.columns) == ["pair", "method", "HumanEval pass@1", "HumanEval paper reported", "HumanEval NLL",
+    assert list(t.columns) == ["pair", "method", "seeds", "HumanEval pass@1", "HumanEval paper reported", "HumanEval NLL",
                                "MBPP pass@1", "MBPP paper reported", "MBPP NLL"]
     assert list(zip(t.pair, t.method)) == [("all pairs", "student (no transfer)")] + [
         (p, m) for p in ["code", "wizard", "chat"] for m in ["teacher", "kd", "seeking", "semalign"]]
@@ -177,3 +177,15 @@ def test_finetuned_teachers_table_layout():
     assert rows.loc[("chat", "seeking"), "MBPP paper reported"] == "20.60"
     assert rows.loc[("all pairs", "student (no transfer)"), "HumanEval paper reported"] == "14.05"
     assert (rows.xs("kd", level="method")[["HumanEval paper reported", "MBPP paper reported"]] == "–").all().all()
+
+
+def test_identical_seeds_show_a_zero_interval_and_the_seed_count():
+    """Regression: three seeds with the same accuracy printed a bare "24.0", as if one run had been made."""
+    from semalign.report import main_table
+
+    summary = _summary(["mini"], ["none", "kd"], ["mmlu"])
+    summary.loc[summary.method == "kd", ["seeds", "nll_ci95"]] = [3, 0.05]
+    t = main_table(summary, ["none", "kd"], ["mmlu"]).set_index("method")
+    assert t.loc["kd", "seeds"] == 3 and t.loc["kd", "MMLU pass@1"] == "1.0 ± 0.0"
+    assert t.loc["kd", "MMLU NLL"] == "1.000 ± 0.050"
+    assert t.loc["student (no transfer)", "seeds"] == 1 and t.loc["student (no transfer)", "MMLU pass@1"] == "0.0"

@@ -86,6 +86,18 @@ def test_ablations_expand_into_variant_jobs(tmp_path):
     assert "results/smoke/tables/ablation_semalign__loss.md" in out
 
 
+@pytest.mark.parametrize("name", ["smoke", "mini"])
+def test_every_figure_is_declared_as_png_and_pdf(tmp_path, name):
+    """Regression: the pdf beside Fig. 2, the attribution profiles, the main, ablation, cost and loss-curve
+    figures was written but not declared, so the DAG neither required it nor cleaned it up after a failed job."""
+    res = snakemake(tmp_path, profile(name), "--summary")
+    assert res.returncode == 0, res.stderr[-3000:]
+    outputs = {line.split("\t")[0] for line in res.stdout.splitlines()}
+    pngs = {Path(o).with_suffix("") for o in outputs if o.endswith(".png")}
+    pdfs = {Path(o).with_suffix("") for o in outputs if o.endswith(".pdf")}
+    assert len(pngs) >= 10 and pngs == pdfs, sorted(map(str, pngs ^ pdfs))
+
+
 def test_mini_plans_cka_analysis_and_pairing(tmp_path):
     """CKA (paper Figs. 4-5) is in the plan: the untouched student's CKA feeds the `cka` pairing ablation, the
     configured method's trained student (first seed) the figure's "after" panels, on HumanEval only."""

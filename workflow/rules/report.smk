@@ -54,6 +54,7 @@ rule figures:
             report(f"{R}/figures/ablation_{name}.png", caption="../report/ablation.rst", category="Ablations")
             for name in ablation_rows()
         ],
+        pdf=[f"{R}/figures/{name}.pdf" for name in ["main", "cost_gain", *(f"ablation_{a}" for a in ablation_rows())]],
     params:
         methods=METHODS,
         tasks=TASKS,
@@ -71,7 +72,8 @@ rule loss_curves:
     input:
         unpack(lambda wc: {m: f"{R}/transfer/{wc.pair}/{wc.task}/{m}/seed{SEEDS[0]}/transfer.json" for m in trained_methods()}),
     output:
-        report(f"{R}/figures/loss_curves/{{pair}}/{{task}}.png", caption="../report/loss_curves.rst", category="Training"),
+        png=report(f"{R}/figures/loss_curves/{{pair}}/{{task}}.png", caption="../report/loss_curves.rst", category="Training"),
+        pdf=f"{R}/figures/loss_curves/{{pair}}/{{task}}.pdf",
     params:
         seed=SEEDS[0],
     log:

@@ -8,6 +8,7 @@ rule semantic_bases:
     output:
         csv=f"{R}/bases/{{model}}/decomposition.csv",
         png=report(f"{R}/bases/{{model}}/decomposition.png", caption="../report/decomposition.rst", category="Semantic bases"),
+        pdf=f"{R}/bases/{{model}}/decomposition.pdf",
     params:
         per_task=config["analysis"]["examples_per_task"],
         max_len=config["data"]["max_len"],
@@ -49,6 +50,7 @@ rule attribution:
     output:
         csv=f"{R}/attribution/{{pair}}/{{task}}/{{attribution}}.csv",
         png=report(f"{R}/attribution/{{pair}}/{{task}}/{{attribution}}.png", caption="../report/attribution.rst", category="Attribution"),
+        pdf=f"{R}/attribution/{{pair}}/{{task}}/{{attribution}}.pdf",
     params:
         max_len=config["data"]["max_len"],
         batch_size=config["cache"]["batch_size"],

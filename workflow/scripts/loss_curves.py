@@ -12,5 +12,5 @@ files = {m: Path(f).with_name("loss_curve.csv") for m, f in snakemake.input.item
 for m in [m for m, f in files.items() if not f.exists()]:
     print(f"[loss_curves] {m} wrote no loss_curve.csv: not plotted")
 curves = {m: pd.read_csv(f) for m, f in files.items() if f.exists()}
-loss_curves_figure(curves, Path(snakemake.output[0]).with_suffix(""),
+loss_curves_figure(curves, Path(snakemake.output.png).with_suffix(""),
                    f"Training curves, {wc.pair} / {wc.task}, seed {snakemake.params.seed}")
