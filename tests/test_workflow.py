@@ -207,6 +207,12 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert rows["kd"]["wall / kd"] == 1.0 and rows["kd"]["teacher fwd / example"] == 1.0
     assert rows["lora_sft"]["teacher fwd / example"] == 0.0 and rows["seeking"]["teacher fwd / example"] > 0
     assert rows["kd"]["student layer bwd / example"] == 2.0  # 2 layers x 1 epoch
+    # regression: a re-run of the benchmark resumed every method from the first run's checkpoints
+    bench = snakemake(work, cfg, "--cores", "2", "--forcerun", "transfer_cost", "--",
+                      "results/smoke/bench/transfer_cost.md", env=env)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    again = json.loads((work / "results" / "smoke" / "bench" / "transfer_cost.json").read_text())
+    assert len(again["records"]) == 7 and not any(r["resumed"] for r in again["records"])
     cost = pd.read_csv(tables / "cost.csv")
     assert len(cost) == 4 * 7 and set(cost.loc[cost.method == "kd", "wall / kd"]) == {1.0}
     assert (cost.loc[cost.method == "kd", "teacher fwd / example"] == 1.0).all()
