@@ -275,14 +275,15 @@ def write_layer_profile(
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{columns[0]: name, columns[1]: k, columns[2]: v} for name, c in curves.items() for k, v in sorted(c.items())]
     pd.DataFrame(rows).to_csv(csv_path, index=False, float_format="%.8g")
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, c in curves.items():
         ks = sorted(c)
         ys = pd.Series([c[k] for k in ks], dtype=float)
         if normalise:
             ys = (ys - ys.min()) / max(ys.max() - ys.min(), 1e-12)
         ax.plot(ks, ys, marker="o", ms=3, label=name)
-    ax.set(xlabel="layer", ylabel=ylabel, title=title)
+    ax.set(xlabel="layer", ylabel=ylabel)
+    ax.set_title(title, fontsize="medium")  # "<analysis>: <pair> / <task>" overran the axes at the default size
     if ylim:
         ax.set_ylim(*ylim)
     ax.legend()
