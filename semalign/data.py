@@ -12,7 +12,8 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TASKS: tuple[str, ...] = ("mmlu", "gsm8k", "humaneval", "mbpp")
@@ -52,16 +53,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same dir + os.replace, so readers never see a half-written file."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary beside ``path`` to write to, renamed onto ``path`` only when the block succeeds: readers never
+    see a half-written file, and a crash leaves at most ``.<name>.<pid>.tmp`` (which a re-run removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:

@@ -60,7 +60,7 @@ def count_layer_passes(roles: dict[str, tuple[int, int]]) -> Iterator[Counter]:
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete the temporaries (``.<name>.tmp``, ``.<name>.tmp.<suffix>``) a killed run left behind. Writes are
+    """Delete the temporaries (``.<name>.<pid>.tmp``, ``.<name>.tmp.<suffix>``) a killed run left behind. Writes are
     atomic (temporary + rename), so a SIGKILL never leaves a partial checkpoint or model under its real name, but
     it can leave the temporary it was writing: the re-run removes it instead of letting it pile up."""
     for path in sorted(out_dir.rglob(".*.tmp*"), reverse=True):

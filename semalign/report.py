@@ -15,12 +15,15 @@ import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from semalign.data import atomic_write_text  # noqa: E402
+from semalign.data import atomic_path, atomic_write_text  # noqa: E402
 
 TASK_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval", "mbpp": "MBPP"}
 ROW_LABELS = {"teacher": "teacher", "none": "student (no transfer)"}
 PAPER_REPORTED = Path(__file__).with_name("paper_reported.yaml")
 FINETUNED_TASKS = ("humaneval", "mbpp")  # the paper's Table 2 reports the code tasks only
+# cost columns a resumed run measures only in part (its remainder)
+RESUME_PARTIAL = ("wall (s)", "teacher fwd / example", "student layer fwd / example", "student layer bwd / example",
+                  "tokens/s")
 
 
 def load_records(paths: list[str | Path]) -> pd.DataFrame:
@@ -200,20 +203,21 @@ def cost_table(records: list[dict], runs: dict[tuple[str, str], dict], reference
         teacher_fwd = c.get("teacher_layer_forward_rows", 0) / (run["teacher_layers"] * n)
         if r.get("uses_teacher_cache"):
             teacher_fwd += run["cache_forwards"] / n
-        nan = float("nan")
-        rows.append({
+        row = {
             "pair": r["pair"], "task": r["task"], "method": r["method"],
-            "wall (s)": r["wall_seconds"] if timed else nan,
+            "wall (s)": r["wall_seconds"],
             "peak RSS (MB)": r["peak_rss_mb"],
             "peak GPU (MB)": r["peak_gpu_mb"],
             "trainable params": r.get("trainable_params", 0),
-            "teacher fwd / example": teacher_fwd if timed else nan,
-            "student layer fwd / example": c.get("student_layer_forward_rows", 0) / n if timed else nan,
-            "student layer bwd / example": c.get("student_layer_backward_rows", 0) / n if timed else nan,
-            "tokens/s": c.get("student_layer_forward_tokens", 0) / run["student_layers"] / r["wall_seconds"]
-            if timed else nan,
+            "teacher fwd / example": teacher_fwd,
+            "student layer fwd / example": c.get("student_layer_forward_rows", 0) / n,
+            "student layer bwd / example": c.get("student_layer_backward_rows", 0) / n,
+            "tokens/s": c.get("student_layer_forward_tokens", 0) / run["student_layers"] / r["wall_seconds"],
             "resumed runs": int(not timed),
-        })
+        }
+        if not timed:  # only the remainder was measured: not a cost
+            row.update(dict.fromkeys(RESUME_PARTIAL, float("nan")))
+        rows.append(row)
     groups = pd.DataFrame(rows).groupby(["pair", "task", "method"], sort=False)
     df = groups.mean().reset_index()
     df["resumed runs"] = groups["resumed runs"].sum().to_numpy()
@@ -292,9 +296,9 @@ def write_layer_profile(
 
 
 def _save(fig: plt.Figure, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
-        fig.savefig(stem.with_suffix(f".{ext}"), dpi=150)
+        with atomic_path(stem.with_suffix(f".{ext}")) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150)
     plt.close(fig)
 
 

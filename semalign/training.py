@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from semalign.data import write_csv
+from semalign.data import atomic_path, write_csv
 
 # Open-Instruct / Tulu format: what the PKT protocol data was written for; used when a tokenizer has no template.
 TULU_USER, TULU_ASSISTANT = "<|user|>\n", "<|assistant|>\n"
@@ -189,10 +188,8 @@ def checkpoint_dir(out_dir: Path, fingerprint: dict[str, Any]) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:

@@ -189,3 +189,25 @@ def test_identical_seeds_show_a_zero_interval_and_the_seed_count():
     assert t.loc["kd", "seeds"] == 3 and t.loc["kd", "MMLU pass@1"] == "1.0 ± 0.0"
     assert t.loc["kd", "MMLU NLL"] == "1.000 ± 0.050"
     assert t.loc["student (no transfer)", "seeds"] == 1 and t.loc["student (no transfer)", "MMLU pass@1"] == "0.0"
+
+
+def test_figures_are_written_atomically(tmp_path, monkeypatch):
+    """Regression: figures were saved straight to their names, so a crash mid-save left a truncated png/pdf that a
+    re-run (or the report) took for a finished one; now a failed save leaves neither the file nor a temporary."""
+    import matplotlib.pyplot as plt
+
+    from semalign.report import _save
+
+    fig, _ = plt.subplots()
+
+    def crash(path, **kwargs):
+        path.write_bytes(b"half a figure")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fig, "savefig", crash)
+    with pytest.raises(OSError, match="disk full"):
+        _save(fig, tmp_path / "fig")
+    assert list(tmp_path.iterdir()) == []
+    fig2, _ = plt.subplots()
+    _save(fig2, tmp_path / "fig")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.pdf", "fig.png"]

@@ -71,11 +71,11 @@ def test_sigkill_then_rerun_equals_uninterrupted(inputs, tmp_path, method, marke
     proc.wait()
     # nothing half-written under a real name: no model, no record (a temporary being written at the kill may stay)
     assert not (killed_dir / "model").exists() and not (killed_dir / "transfer.json").exists()
-    (killed_dir / "ckpt" / ".last.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves it
+    (killed_dir / "ckpt" / ".last.pt.4242.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves it
 
     rerun = _spawn(method, params, inputs, killed_dir)
     assert rerun.wait(timeout=600) == 0, rerun.stderr.read()[-3000:]
-    # regression: a kill during a checkpoint save left `.last.pt.tmp` behind for good; the re-run removes it
+    # regression: a kill during a checkpoint save left `.last.pt.<pid>.tmp` behind for good; the re-run removes it
     assert not [p for p in killed_dir.rglob("*") if ".tmp" in p.name]
     a, b = _weights(tmp_path / "straight" / "model"), _weights(killed_dir / "model")
     assert a.keys() == b.keys()
