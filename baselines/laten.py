@@ -8,7 +8,7 @@ down/o_proj), add them to the student's selected slots as a delta, and train the
 loss with the delta applied (+ an MSE pull of the translated vectors towards 0) over the example and 15 align
 examples. Inference locates once more on one train example and adds the translated delta to the student.
 
-Where this differs from the upstream code (see baselines-digest §2.5), on purpose:
+Where this differs from the upstream code (Trae1ounG/Neural_Incompatibility), on purpose:
 - The saved model contains the delta (``weight += delta`` before saving); upstream saved the unmodified student.
 - The logit lens is the model's real final norm + LM head; upstream divides by sqrt(std) of the last layer's
   output, which only changes the softmax temperature but changes the neuron ranking.
@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from semalign.data import write_csv
-from semalign.models import decoder_layers, final_norm, lm_head, load_model, model_device
-from semalign.registry import Method, TransferContext, register_method
-from semalign.training import atomic_torch_save, check_finite, render_chat, sft_loss, trim
+from semalign.suite.chat import render_chat
+from semalign.suite.io import atomic_torch_save, write_csv
+from semalign.suite.models import decoder_layers, final_norm, lm_head, load_model, model_device
+from semalign.suite.objectives import sft_loss
+from semalign.suite.registry import Method, TransferContext, register_method
+from semalign.suite.train import check_finite, trim
 
 MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
 FAMILY = {"up_proj": "ffn", "down_proj": "ffn", "v_proj": "attn", "o_proj": "attn"}  # layers ranked per family
@@ -311,7 +313,6 @@ def _example_backward(student: nn.Module, batch: dict[str, torch.Tensor], mse: t
 @register_method("laten")
 class LaTen(Method):
     config_cls = LaTenConfig
-    uses_teacher_cache = False
 
     def run(self, ctx: TransferContext) -> Path:
         cfg, _, student, tokenizer = self.begin(ctx)

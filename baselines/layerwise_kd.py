@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from semalign.cache import layer_outputs
-from semalign.frontier import teacher_state
-from semalign.registry import Method, TransferContext, register_method
-from semalign.training import TrainConfig, answer_logits, fit, output_kl, prepare_trainable, trainable_parameters
+from semalign.method import Pairing
+from semalign.suite.cache import layer_outputs
+from semalign.suite.lora import prepare_trainable, trainable_parameters
+from semalign.suite.objectives import answer_logits, output_kl
+from semalign.suite.registry import Artifact, Method, TeacherCache, TransferContext, register_method
+from semalign.suite.train import TrainConfig, fit
 
 
 @dataclass
@@ -43,13 +45,15 @@ def make_projectors(pairs: list[dict], d_student: int, d_teacher: int) -> torch.
 
 @register_method("layerwise_kd")
 class LayerwiseKD(Method):
-    uses_teacher_cache = True
     config_cls = LayerwiseKDConfig
 
+    @classmethod
+    def needs(cls, cfg: LayerwiseKDConfig) -> list[Artifact]:
+        pairing = Pairing.of(cfg.pairing, cfg.attribution)
+        return [pairing, TeacherCache(pairing.name, "end")]
+
     def run(self, ctx: TransferContext) -> Path:
-        if "pairing" not in ctx.extras:
-            raise ValueError("layerwise_kd needs ctx.extras['pairing'] (the pairing rule's JSON)")
-        pairs = json.loads(Path(ctx.extras["pairing"]).read_text())["pairs"]
+        pairs = json.loads(ctx.artifact("pairing", self.name).read_text())["pairs"]
         cfg, cache, model, tokenizer = self.begin(ctx)
         d_teacher = cache.head_weight.shape[1]
         projectors = make_projectors(pairs, model.config.hidden_size, d_teacher).to(next(model.parameters()).device)
@@ -66,7 +70,7 @@ class LayerwiseKD(Method):
                            cfg.temperature)
             layer = sum(
                 normalised_mse(projectors[str(p["student"])](store[p["student"]][0].float()),
-                               teacher_state(cache, p, rows, T, "output", dev), b["attention_mask"])
+                               cache.state(p["teacher"], rows, T, dev), b["attention_mask"])
                 for p in pairs
             ) / len(pairs)
             return cfg.lambda_kl * kl + cfg.lambda_layer * layer

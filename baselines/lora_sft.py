@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
-from semalign.registry import Method, TransferContext, register_method
-from semalign.training import TrainConfig, fit, prepare_trainable, sft_loss, trainable_parameters
+from semalign.suite.lora import prepare_trainable, trainable_parameters
+from semalign.suite.objectives import sft_loss
+from semalign.suite.registry import Method, TransferContext, register_method
+from semalign.suite.train import TrainConfig, fit
 
 
 @register_method("lora_sft")

@@ -9,7 +9,7 @@ parameters chosen by sensitivity initialise a LoRA on the student, which is then
 4. The LoRA starts at (A, B) and the base weight becomes W - s·BA, so training starts from the student's exact
    function (PiSSA-like: the teacher sets the adapter's starting point); save() merges the trained LoRA back.
 
-Where this differs from the upstream code (see baselines-digest §1), on purpose:
+Where this differs from the upstream code (maszhongming/ParaKnowTransfer), on purpose:
 - |θ·g| is added into fp32 accumulators as soon as each parameter's gradient is ready and the gradient dropped,
   so a pass costs the parameters + one accumulator set, not ~4 model copies (>200 GB host RAM for a 13B teacher).
 - The subtraction of s·BA is done on the base weights in place; upstream merges a LoRA with A negated (same math).
@@ -36,19 +36,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from semalign.data import write_csv
-from semalign.models import decoder_layers, load_model
-from semalign.registry import Method, TransferContext, register_method
-from semalign.training import (
-    TrainConfig,
-    apply_lora,
-    atomic_torch_save,
-    checkpoint_dir,
-    fit,
-    sft_loss,
-    trainable_parameters,
-    trim,
-)
+from semalign.suite.io import atomic_torch_save, write_csv
+from semalign.suite.lora import apply_lora, trainable_parameters
+from semalign.suite.models import decoder_layers, load_model
+from semalign.suite.objectives import sft_loss
+from semalign.suite.registry import Method, TransferContext, register_method
+from semalign.suite.train import TrainConfig, checkpoint_dir, fit, trim
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # decoder layer index in a parameter / module name
 SPLITS = ("extract", "align", "train")
@@ -258,7 +251,6 @@ def inject(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor
 @register_method("seeking")
 class Seeking(Method):
     config_cls = SeekingConfig
-    uses_teacher_cache = False
 
     def extract(self, ctx: TransferContext, cfg: SeekingConfig, student: nn.Module) -> dict[str, Any]:
         """Teacher sensitivity on the seed split, layer selection and factor extraction (the teacher is freed on

@@ -8,7 +8,7 @@ what the DAG builds (prepared models, splits, pairings, the teacher cache), so r
 
 Writes ``results/<profile>/bench/transfer_cost.{json,md,csv,tex}``: per method wall time and its ratio to KD,
 peak memory, trainable parameters, teacher forwards and student layer passes per example, and throughput
-(see :func:`semalign.report.cost_table`). The cache's one teacher forward per example is counted once, in the
+(see :func:`semalign.suite.tables.cost_table`). The cache's one teacher forward per example is counted once, in the
 rows of the methods that read it, and its build time is reported beside the table (it is shared by them).
 """
 
@@ -19,13 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-BASE_KEYS = ("teacher", "student", "splits", "cache")
+BASE_KEYS = ("teacher", "student", "splits")
 
 
 def child(spec_file: Path) -> None:
     """Run one method, as the transfer rule would, and write its cost record."""
-    from semalign.pipeline import run_transfer
-    from semalign.registry import TransferContext
+    from semalign.suite.pipeline import run_transfer
+    from semalign.suite.registry import TransferContext
 
     spec = json.loads(spec_file.read_text())
     inputs = {k: Path(v) for k, v in spec["inputs"].items()}
@@ -40,8 +40,7 @@ def child(spec_file: Path) -> None:
         device=spec["device"],
         max_len=spec["max_len"],
         train_on_inputs=spec["train_on_inputs"],
-        teacher_cache=inputs.get("cache"),
-        extras={k: v for k, v in inputs.items() if k not in BASE_KEYS},
+        artifacts={k: v for k, v in inputs.items() if k not in BASE_KEYS},
     )
     run_transfer(spec["method"], ctx, ctx.out_dir / "transfer.json")
 
@@ -60,17 +59,16 @@ def warm_page_cache(inputs: list[str]) -> None:
 
 def run_all(smk) -> None:
     """Each method in its own ``python -m benchmarks.transfer_cost --child`` process, then the table."""
-    from semalign.data import atomic_write_text
-    from semalign.pipeline import resolve_device
-    from semalign.report import cost_table, run_facts, write_table
+    from semalign.suite.io import atomic_write_text
+    from semalign.suite.pipeline import resolve_device
+    from semalign.suite.tables import cost_table, run_facts, write_table
 
     p, out_json = smk.params, Path(smk.output.json)
     work = out_json.parent / "transfer_cost"
     device = resolve_device(p.device)
     warm_page_cache(list(smk.input))
     records = []
-    for method in p.methods:
-        inputs = {k.split("__", 1)[1]: v for k, v in smk.input.items() if k.startswith(f"{method}__")}
+    for method, inputs in p.inputs.items():
         spec = {"method": method, "task": p.task, "inputs": inputs, "out_dir": str(work / method),
                 "params": p.method_params.get(method, {}), "seed": p.seed, "device": device,
                 "max_len": p.max_len, "train_on_inputs": p.train_on_inputs}
@@ -83,9 +81,7 @@ def run_all(smk) -> None:
             subprocess.run([sys.executable, "-m", "benchmarks.transfer_cost", "--child", str(spec_file)],
                            stdout=log, stderr=subprocess.STDOUT, check=True)
         records.append(json.loads((work / method / "transfer.json").read_text()))
-    first = p.methods[0]
-    facts = run_facts(Path(smk.input[f"{first}__splits"]).parent / "train.jsonl", smk.input[f"{first}__teacher"],
-                      smk.input[f"{first}__student"], smk.input.cache)
+    facts = run_facts(*smk.input.facts, smk.input.cache)
     table = cost_table([{**r, "pair": p.pair} for r in records], {(p.pair, p.task): facts})
     cache_seconds = float(Path(smk.input.cache_benchmark).read_text().splitlines()[1].split("\t")[0])
     title = (f"Transfer cost, {p.pair} / {p.task}, {facts['n_train']} training examples, device {device}; the "
@@ -97,7 +93,7 @@ def run_all(smk) -> None:
 
 if __name__ == "__main__":
     if "snakemake" in globals():
-        from semalign.pipeline import start_job
+        from semalign.suite.pipeline import start_job
 
         start_job(snakemake)  # noqa: F821
         run_all(snakemake)  # noqa: F821

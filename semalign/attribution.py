@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from semalign.models import decoder_layers, final_norm, lm_head
-from semalign.report import write_layer_profile
-from semalign.training import shift_mask, tokenize_records
+from semalign.suite.chat import tokenize_records
+from semalign.suite.figures import write_layer_profile
+from semalign.suite.models import decoder_layers, final_norm, lm_head
+from semalign.suite.objectives import shift_mask
 
 METHODS = ("grad_x_act", "logit_lens", "random")
 
@@ -71,7 +72,7 @@ def _grad_x_act(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_si
 
 @torch.no_grad()
 def _logit_lens(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size: int) -> list[float]:
-    from semalign.cache import layer_outputs
+    from semalign.suite.cache import layer_outputs
 
     L = len(decoder_layers(model))
     norm, head = final_norm(model), lm_head(model)
@@ -136,7 +137,7 @@ def attribution_report(
 ) -> dict[str, list[float]]:
     """The attribution rule's work for one teacher x task: every method's scores on the extract split, written
     as one csv + one profile plot."""
-    from semalign.models import load_model
+    from semalign.suite.models import load_model
 
     model, tokenizer = load_model(model_dir, device=device)
     scores = {m: layer_scores(model, tokenizer, records, m, max_len, batch_size, seed) for m in methods}

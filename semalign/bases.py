@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from semalign.models import VocabularyMismatchError, embed_tokens, lm_head
+from semalign.suite.models import VocabularyMismatchError, embed_tokens, lm_head
 
 BASES = ("output", "input", "random")
 
@@ -141,7 +141,7 @@ def collect_layer_states(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], layers: list[int]
 ) -> dict[int, torch.Tensor]:
     """Residual stream after each 1-based layer (0 = embeddings) at real-token positions, as [n_tokens, d]."""
-    from semalign.cache import layer_outputs
+    from semalign.suite.cache import layer_outputs
 
     store, _final, handles = layer_outputs(model, layers)
     try:
@@ -155,7 +155,7 @@ def collect_layer_states(
 
 def write_decomposition(results: dict[str, dict[int, float]], csv_path: Path, png_path: Path, title: str = "") -> None:
     """Fig. 2 table (basis, layer, cosine) and line plot, one line per basis."""
-    from semalign.report import write_layer_profile
+    from semalign.suite.figures import write_layer_profile
 
     write_layer_profile(results, csv_path, png_path, columns=("basis", "layer", "cosine"),
                         ylabel="cos(h, recomposed h)", title=title or "semantic decomposition", ylim=(-0.05, 1.05))
@@ -164,8 +164,8 @@ def write_decomposition(results: dict[str, dict[int, float]], csv_path: Path, pn
 def build_aligned_map(teacher_dir: Path, student_dir: Path, out_path: Path, device: str | None = None) -> dict:
     """The semantic_bases rule's work: check the vocabularies, compute M = S_S S_T^T once, save it atomically
     (a float32 [d_S, d_T] tensor that the semalign method loads via ``extras["aligned_map"]``); returns stats."""
-    from semalign.models import check_same_vocab, load_model
-    from semalign.training import atomic_torch_save
+    from semalign.suite.io import atomic_torch_save
+    from semalign.suite.models import check_same_vocab, load_model
 
     check_same_vocab(teacher_dir, student_dir)
     heads = {}
@@ -187,8 +187,8 @@ def decomposition_report(
 ) -> dict[str, dict[int, float]]:
     """Paper Fig. 2 for one model: recomposition cosine per layer (0 = embeddings .. L) for output-side,
     input-side and random bases over the real tokens of ``records``; writes the csv and png."""
-    from semalign.models import decoder_layers, load_model
-    from semalign.training import tokenize_records
+    from semalign.suite.chat import tokenize_records
+    from semalign.suite.models import decoder_layers, load_model
 
     model, tokenizer = load_model(model_dir, device="cpu")
     batch = tokenize_records(tokenizer, records, max_len, train_on_inputs=True)

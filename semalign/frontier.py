@@ -26,22 +26,16 @@ import torch
 from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask
 
+from semalign.attribution import METHODS as ATTRIBUTION_METHODS
 from semalign.bases import align
-from semalign.cache import TeacherCache
-from semalign.data import write_csv
-from semalign.losses import DEFAULT_INTERFACE, LOSSES, layer_loss
-from semalign.models import backbone, decoder_layers, embed_tokens, final_norm, lm_head
+from semalign.losses import LOSSES, Objective, get_loss
 from semalign.pairing import STRATEGIES, teacher_layers_needed, validate_pairing
-from semalign.training import (
-    apply_lora,
-    atomic_torch_save,
-    batches,
-    check_finite,
-    checkpoint_dir,
-    set_seed,
-    shift_mask,
-    trim,
-)
+from semalign.suite.cache import TeacherCache
+from semalign.suite.io import atomic_torch_save, write_csv
+from semalign.suite.lora import apply_lora
+from semalign.suite.models import backbone, decoder_layers, embed_tokens, final_norm, lm_head
+from semalign.suite.objectives import shift_mask
+from semalign.suite.train import batches, check_finite, checkpoint_dir, set_seed, trim
 
 CURVE_FIELDS = ["stage", "step", "layer_loss", "kl", "total"]
 
@@ -74,20 +68,23 @@ class SemAlignConfig:
 
     def __post_init__(self) -> None:
         checks = {"loss": (self.loss, tuple(LOSSES)),
-                  "interface": (self.interface, (None, "residual", "output")),
+                  "interface": (self.interface, lambda: (None, *get_loss(self.loss).interfaces)),
                   "recompose": (self.recompose, ("semantic", "projector")),
                   "trainable": (self.trainable, ("lora", "full")),
                   "pairing": (self.pairing, STRATEGIES),
-                  "attribution": (self.attribution, ("grad_x_act", "logit_lens", "random"))}
+                  "attribution": (self.attribution, ATTRIBUTION_METHODS)}
         for key, (value, allowed) in checks.items():
+            allowed = allowed() if callable(allowed) else allowed  # the interfaces depend on a valid loss
             if value not in allowed:
                 raise ValueError(f"semalign.{key} must be one of {allowed}, got {value!r}")
-        if self.loss == "acl" and self.interface == "residual":
-            raise ValueError("semalign.loss=acl reads the layer *output* through the head; use interface: output")
+
+    @property
+    def objective(self) -> Objective:
+        return get_loss(self.loss)
 
     @property
     def resolved_interface(self) -> str:
-        return self.interface or DEFAULT_INTERFACE[self.loss]
+        return self.interface or self.objective.interface
 
     def fingerprint(self) -> dict:
         """What a checkpoint must agree on to be resumed (stop_after_stage may differ)."""
@@ -152,19 +149,16 @@ def prefix_forward(
 
 def teacher_state(cache: TeacherCache, pair: dict, idx: torch.Tensor, T: int, interface: str, dev) -> torch.Tensor:
     """Σ_l w_l x_l for the pair's teacher layers, x_l = h_l (output) or h_l - h_{l-1} (residual), [b, T, d_T]."""
-    total = None
-    for l, w in pair["teacher"]:
-        x = cache.layer(l)[idx, :T].to(dev, torch.float32)
-        if interface == "residual":
-            x = x - cache.layer(l - 1)[idx, :T].to(dev, torch.float32)
-        total = w * x if total is None else total + w * x
-    return total
+    x = cache.state(pair["teacher"], idx, T, dev)
+    if interface == "residual":
+        x = x - cache.state([[l - 1, w] for l, w in pair["teacher"]], idx, T, dev)
+    return x
 
 
 def _with_output(cfg: SemAlignConfig, last_stage: bool) -> bool:
     """Whether a stage trains the output KL. KL-only has no other term, so it trains it at every stage whatever
     ``kl_every_stage`` says: the ablation then differs from its reference in the layer supervision alone."""
-    return cfg.kl_every_stage or last_stage or cfg.loss == "kl_only"
+    return cfg.kl_every_stage or last_stage or cfg.objective.output_every_stage
 
 
 def _read_out(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -191,11 +185,11 @@ def train_frontier(
     validate_pairing(pairing, L_S=L_S)
     interface = cfg.resolved_interface
     needed = teacher_layers_needed(pairing, residual=interface == "residual")
-    missing = sorted(set(needed) - set(cache.layers)) if cfg.loss != "kl_only" else []
+    missing = sorted(set(needed) - set(cache.layers)) if cfg.objective.uses_layer_target else []
     if missing:
         raise ValueError(f"teacher cache lacks layers {missing} needed by this pairing; rebuild it with "
                          f"layers={needed} (semalign.pairing.teacher_layers_needed)")
-    if cfg.recompose == "semantic" and m is None and cfg.loss != "kl_only":
+    if cfg.recompose == "semantic" and m is None and cfg.objective.uses_layer_target:
         raise ValueError("recompose=semantic needs the aligned map M (semalign.bases.aligned_map)")
     dev = next(model.parameters()).device
     head_t = cache.head_weight.to(dev, torch.float32)  # moved once, not per step
@@ -235,13 +229,13 @@ def train_frontier(
             layers[k - 1].requires_grad_(True)
         params = [p for p in layers[k - 1].parameters() if p.requires_grad]
         projector = None
-        if cfg.recompose == "projector" and cfg.loss != "kl_only":
+        if cfg.recompose == "projector" and cfg.objective.uses_layer_target:
             d_t = cache.layer(pair_of[k]["teacher"][0][0]).shape[-1]
             projector = torch.nn.Linear(d_t, h_prev.shape[-1], bias=False, device=dev)
             params += list(projector.parameters())
         stage = _Stage(model, cache, head_t, pair_of[k], k, L_S, m, projector,
                        with_output=_with_output(cfg, k == stages[-1]), cfg=cfg, interface=interface)
-        if cfg.loss == "hidden_mse" and projector is None:
+        if cfg.objective.calibrated and projector is None:
             stage.calibrate(h_prev, data["attention_mask"])
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         model.train()
@@ -296,7 +290,7 @@ class _Stage:
     with_output: bool
     cfg: SemAlignConfig
     interface: str
-    scale: float = 1.0  # hidden_mse's target calibration
+    scale: float = 1.0  # a calibrated objective's target scale (Objective.calibrated)
 
     def target(self, idx: torch.Tensor, T: int) -> torch.Tensor:
         """Aligned teacher quantity [b, T, d_S]: M x (linear, see module doc) or the learned projector."""
@@ -316,22 +310,20 @@ class _Stage:
             student_logits = _read_out(model, h_final[out_mask]).unsqueeze(0)
             teacher_logits = self.cache.answer_logits(micro, out_mask, self.head_t).unsqueeze(0)
             labels = torch.nn.functional.pad(b["input_ids"][:, 1:], (0, 1))[out_mask].unsqueeze(0)
-        if cfg.loss == "kl_only":
-            student, target = h, h
-        else:
-            target = self.target(micro, T)
+        objective = cfg.objective
+        student, target = h, h
+        if objective.uses_layer_target:
+            target = self.scale * self.target(micro, T)
             student = h - x if self.interface == "residual" else h
-            if cfg.loss == "acl":
+            if objective.reads_out:
                 student, target = _read_out(model, student), _read_out(model, target.to(h.dtype))
-            elif cfg.loss == "hidden_mse":
-                target = self.scale * target
         ones = torch.ones(1, int(out_mask.sum()), device=dev)
-        return layer_loss(cfg.loss, student.float(), target.float(), b["attention_mask"], student_logits,
-                          teacher_logits, labels, ones, cfg.temperature)
+        return objective.terms(student.float(), target.float(), b["attention_mask"], student_logits, teacher_logits,
+                               labels, ones, cfg.temperature)
 
     @torch.no_grad()
     def calibrate(self, h_prev: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """hidden_mse: one scalar per stage matching the mean norm of the aligned targets to that of the
+        """Calibrated objectives: one scalar per stage matching the mean norm of the aligned targets to that of the
         student's initial layer-k quantity over real tokens, since eq. 2 leaves the target's magnitude arbitrary."""
         chunk = self.cfg.prefix_chunk
         h_k = prefix_forward(self.model, h_prev, self.k, self.k, attention_mask, chunk)

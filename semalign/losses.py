@@ -1,19 +1,21 @@
 """SemAlign objectives: the three published variants (v1, v2, ACL) plus two ablation baselines.
 
-Every function is pure (tensors in, scalar tensor out) and takes masks, so each is tested alone. Shapes:
-hidden states [B, T, d], logits [B, T, V], masks [B, T] (1 = counted). A variant returns
-``LossTerms(layer, output)``; the trainer combines them as lambda_layer * layer + lambda_kl * output and logs
-both. When a stage has no output term (``kl_every_stage=False``) the logits are None and ``output`` is 0.
+The math is in pure functions (tensors in, scalar tensor out, masks given), so each is tested alone. Shapes:
+hidden states [B, T, d], logits [B, T, V], masks [B, T] (1 = counted). A variant is an :class:`Objective`
+registered by name in :data:`LOSSES`: it says what it supervises (its interface, whether it reads a layer target
+at all, whether it trains the output every stage) and returns ``LossTerms(layer, output)``; the trainer combines
+them as lambda_layer * layer + lambda_kl * output and logs both, and never branches on a variant's name. When a
+stage has no output term (``kl_every_stage=False``) the logits are None and ``output`` is 0.
 
-Choices where the paper is silent (digest §8.5-8.6) are stated at each function.
+Choices where the paper is silent are stated at each function.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from semalign.training import output_kl
+from semalign.suite.objectives import output_kl
 
 EPS = 1e-8
 Tensor = torch.Tensor
@@ -61,7 +63,7 @@ def relation_matrices(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def relation_loss(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over valid token pairs of (G_x - G_y)^2 with G from :func:`relation_matrices` (v2's layer term).
 
-    Our reading of "centered token-token relation geometry" (digest §2.5): centre over the sequence's valid
+    Our reading of the v2 abstract's "centered token-token relation geometry": centre over the sequence's valid
     tokens, cosine (not raw) Gram so scale and width drop out, squared Frobenius distance normalised by the
     number of valid pairs Σ_b n_b^2. Invariant to orthogonal maps and per-sequence shifts of either side, so it
     transfers *relations* between tokens, not absolute states."""
@@ -97,61 +99,118 @@ def _kl(student_logits: Opt, teacher_logits: Opt, out_mask: Opt, temperature: fl
     return output_kl(student_logits, teacher_logits, out_mask, temperature)
 
 
-def v1_loss(h: Tensor, target: Tensor, mask: Tensor, logits: Opt = None, labels: Opt = None,
-            out_mask: Opt = None) -> LossTerms:
-    """v1 (digest §2.4): L = [1 - Avg cos(h^(k), h~^(k))] + [1 - Avg cos(z, onehot(y))], unweighted in the paper."""
-    out = torch.zeros(()) if logits is None else onehot_cosine_loss(logits, labels, out_mask)
-    return LossTerms(cosine_layer_loss(h, target, mask), out)
+class Objective:
+    """One loss variant of a frontier stage. ``layer`` compares the student quantity with the aligned teacher
+    target at the variant's interface; ``output`` is the output-side term (KL to the teacher unless overridden)."""
+
+    name: ClassVar[str] = ""
+    interface: ClassVar[str] = "residual"  # default supervision interface: Δ_k = h_k - h_{k-1} or the output h_k
+    interfaces: ClassVar[tuple[str, ...]] = ("residual", "output")  # the ones it is defined for
+    uses_layer_target: ClassVar[bool] = True  # False: no aligned target, no teacher layers needed
+    output_every_stage: ClassVar[bool] = False  # True: train the output term at every stage, whatever the config
+    reads_out: ClassVar[bool] = False  # compare read-outs (final norm + head) of both sides, not states
+    calibrated: ClassVar[bool] = False  # the target's arbitrary scale must be matched to the student's first
+
+    def layer(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def output(self, student_logits: Opt, teacher_logits: Opt, labels: Opt, out_mask: Opt,
+               temperature: float) -> Tensor:
+        return _kl(student_logits, teacher_logits, out_mask, temperature)
+
+    def terms(self, student: Tensor, target: Tensor, mask: Tensor, student_logits: Opt = None,
+              teacher_logits: Opt = None, labels: Opt = None, out_mask: Opt = None,
+              temperature: float = 1.0) -> LossTerms:
+        return LossTerms(self.layer(student, target, mask),
+                         self.output(student_logits, teacher_logits, labels, out_mask, temperature))
 
 
-def v2_loss(delta: Tensor, delta_target: Tensor, mask: Tensor, student_logits: Opt = None,
-            teacher_logits: Opt = None, out_mask: Opt = None, temperature: float = 1.0) -> LossTerms:
-    """v2 (digest §2.5): relation geometry of the residual contribution Δ_k = h_k - h_{k-1} against the aligned
-    supervisory residual M(h^T_l - h^T_{l-1}), plus KL(p_teacher || p_student) on the output."""
-    kl = _kl(student_logits, teacher_logits, out_mask, temperature)
-    return LossTerms(relation_loss(delta, delta_target, mask), kl)
+LOSSES: dict[str, Objective] = {}
 
 
-def acl_loss(z_layer: Tensor, z_layer_target: Tensor, mask: Tensor, student_logits: Opt = None,
-             teacher_logits: Opt = None, out_mask: Opt = None, temperature: float = 1.0) -> LossTerms:
-    """ACL (digest §2.6): Fisher quadratic between the student layer's read-out logits and the aligned logits
-    (both through the *student's* final norm + head, i.e. "target-space aligned logits"), plus final KL."""
-    return LossTerms(fisher_quadratic(z_layer, z_layer_target, mask),
-                     _kl(student_logits, teacher_logits, out_mask, temperature))
+def register_loss(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make the variant selectable as ``loss: <cls.name>``."""
+    if cls.name in LOSSES:
+        raise ValueError(f"loss {cls.name!r} is already registered")
+    LOSSES[cls.name] = cls()
+    return cls
 
 
-def hidden_mse(h: Tensor, target: Tensor, mask: Tensor, student_logits: Opt = None,
-               teacher_logits: Opt = None, out_mask: Opt = None, temperature: float = 1.0) -> LossTerms:
+@register_loss
+class V1(Objective):
+    """v1: L = [1 - Avg cos(Δ_k, target)] + [1 - Avg cos(z, onehot(y))], unweighted in the paper (its L_out is a
+    scale-invariant surrogate of the gold-token cross-entropy, not a KL)."""
+
+    name = "v1"
+
+    def layer(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return cosine_layer_loss(student, target, mask)
+
+    def output(self, student_logits: Opt, teacher_logits: Opt, labels: Opt, out_mask: Opt,
+               temperature: float) -> Tensor:
+        return torch.zeros(()) if student_logits is None else onehot_cosine_loss(student_logits, labels, out_mask)
+
+
+@register_loss
+class V2(Objective):
+    """v2: relation geometry of the residual contribution Δ_k = h_k - h_{k-1} against the aligned supervisory
+    residual, plus KL(p_teacher || p_student) on the output."""
+
+    name = "v2"
+
+    def layer(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return relation_loss(student, target, mask)
+
+
+@register_loss
+class ACL(Objective):
+    """ACL: Fisher quadratic between the student layer's read-out logits and the aligned logits (both through the
+    *student's* final norm + head, i.e. "target-space aligned logits"), plus the final KL."""
+
+    name = "acl"
+    interface = "output"
+    interfaces = ("output",)  # a residual has no read-out of its own
+    reads_out = True
+
+    def layer(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return fisher_quadratic(student, target, mask)
+
+
+@register_loss
+class HiddenMSE(Objective):
     """Ablation: MSE to the (scale-calibrated) aligned state + output KL."""
-    return LossTerms(hidden_mse_loss(h, target, mask), _kl(student_logits, teacher_logits, out_mask, temperature))
+
+    name = "hidden_mse"
+    interface = "output"
+    calibrated = True
+
+    def layer(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return hidden_mse_loss(student, target, mask)
 
 
-def kl_only(h: Tensor, target: Tensor, mask: Tensor, student_logits: Opt = None,
-            teacher_logits: Opt = None, out_mask: Opt = None, temperature: float = 1.0) -> LossTerms:
-    """Ablation: no layer supervision, frontier schedule with output KL only."""
-    return LossTerms(torch.zeros((), device=h.device), _kl(student_logits, teacher_logits, out_mask, temperature))
+@register_loss
+class KLOnly(Objective):
+    """Ablation: no layer supervision, the frontier schedule with the output KL only (at every stage, its only
+    term, so the ablation differs from its reference in the layer supervision alone)."""
+
+    name = "kl_only"
+    interface = "output"
+    uses_layer_target = False
+    output_every_stage = True
+
+    def layer(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return torch.zeros((), device=student.device)
 
 
-LOSSES = {"v1": v1_loss, "v2": v2_loss, "acl": acl_loss, "hidden_mse": hidden_mse, "kl_only": kl_only}
-# What each variant supervises: the residual contribution Δ_k or the layer output h_k; ACL compares read-outs.
-DEFAULT_INTERFACE = {"v1": "residual", "v2": "residual", "acl": "output", "hidden_mse": "output", "kl_only": "output"}
-
-
-def layer_loss(
-    name: str,
-    student: torch.Tensor,
-    target: torch.Tensor,
-    mask: torch.Tensor,
-    student_logits: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    out_mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
-) -> LossTerms:
-    """Dispatch by variant name. ``student``/``target`` are what the variant compares (states, residuals or, for
-    acl, read-out logits); v1's output term uses ``labels``, the others ``teacher_logits``."""
+def get_loss(name: str) -> Objective:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    if name == "v1":
-        return v1_loss(student, target, mask, student_logits, labels, out_mask)
-    return LOSSES[name](student, target, mask, student_logits, teacher_logits, out_mask, temperature)
+    return LOSSES[name]
+
+
+def layer_loss(name: str, student: Tensor, target: Tensor, mask: Tensor, student_logits: Opt = None,
+               teacher_logits: Opt = None, labels: Opt = None, out_mask: Opt = None,
+               temperature: float = 1.0) -> LossTerms:
+    """Both terms of variant ``name``. ``student``/``target`` are what the variant compares (states, residuals or,
+    for read-out variants, logits); v1's output term uses ``labels``, the others ``teacher_logits``."""
+    return get_loss(name).terms(student, target, mask, student_logits, teacher_logits, labels, out_mask, temperature)

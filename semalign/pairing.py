@@ -1,4 +1,4 @@
-"""Student (target) layer -> teacher (source) layer maps for the frontier schedule (paper §4.1 / digest §2.2).
+"""Student (target) layer -> teacher (source) layer maps for the frontier schedule (paper v1 §4.1).
 
 Layers are 1-based (paper notation). Every strategy returns the same JSON-able shape::
 
@@ -36,6 +36,14 @@ from fractions import Fraction
 import numpy as np
 
 STRATEGIES = ("depth_ratio", "attributed", "interpolated", "last_only", "cka", "random")
+ATTRIBUTED = ("attributed",)  # the strategies that read a layer attribution's scores
+
+
+def reads_attribution(strategy: str) -> bool:
+    """Whether ``strategy`` is driven by attribution scores (its pairing file is named after the attribution)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown pairing strategy {strategy!r}; choose one of {STRATEGIES}")
+    return strategy in ATTRIBUTED
 
 
 def depth_ratio_layer(L_T: int, L_S: int, k: int) -> int:

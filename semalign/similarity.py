@@ -14,11 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from semalign.cache import layer_outputs
-from semalign.models import backbone, check_same_vocab, decoder_layers, load_model, model_device
-from semalign.training import tokenize_records
-
-MATRICES = ("teacher_student", "student_self")
+from semalign.suite.cache import layer_outputs
+from semalign.suite.chat import tokenize_records
+from semalign.suite.models import backbone, check_same_vocab, decoder_layers, load_model, model_device
 
 
 def token_positions(attention_mask: torch.Tensor, max_tokens: int | None = None, seed: int = 0) -> torch.Tensor:

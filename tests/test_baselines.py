@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from baselines.layerwise_kd import make_projectors, normalised_mse
-from semalign.cache import build_teacher_cache, layer_outputs
-from semalign.data import read_jsonl, write_jsonl
-from semalign.models import load_model
 from semalign.pairing import pair_layers
-from semalign.registry import TransferContext, get_method
-from semalign.training import sft_loss, tokenize_records
+from semalign.suite.cache import build_teacher_cache, layer_outputs
+from semalign.suite.chat import tokenize_records
+from semalign.suite.io import read_jsonl, write_jsonl
+from semalign.suite.models import load_model
+from semalign.suite.objectives import sft_loss
+from semalign.suite.registry import TransferContext, get_method
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def test_projectors_map_student_width_to_teacher_width():
 
 def _hidden_states(model_dir, cache_path, pairing):
     """The student's residual stream after each paired layer on the cached rows (real tokens only)."""
-    from semalign.cache import TeacherCache
+    from semalign.suite.cache import TeacherCache
 
     c = TeacherCache.load(cache_path)
     model, _ = load_model(model_dir)
@@ -90,8 +91,7 @@ def test_layerwise_kd_trains_student_and_projectors(tiny_pair, chat_records, spl
     cache = tmp_path / "teacher.pt"
     build_teacher_cache(teacher, chat_records, layers=[2, 4], max_len=48, batch_size=4, out_path=cache)
     params = {"epochs": 3, "batch_size": 3, "micro_batch_size": 2, "lr": 1e-2, "trainable": "full"}
-    ctx = _ctx(tiny_pair, splits, tmp_path / "lkd", params, teacher_cache=cache,
-               extras={"pairing": tmp_path / "pairing.json"})
+    ctx = _ctx(tiny_pair, splits, tmp_path / "lkd", params, artifacts={"cache": cache, "pairing": tmp_path / "pairing.json"})
     out = get_method("layerwise_kd").run(ctx)
     stats = json.loads((ctx.out_dir / "train_stats.json").read_text())
     assert stats["projector_params"] == 2 * (32 * 64 + 64)
@@ -104,7 +104,7 @@ def test_layerwise_kd_trains_student_and_projectors(tiny_pair, chat_records, spl
 
 
 def test_layerwise_kd_needs_pairing(tiny_pair, splits, tmp_path):
-    ctx = _ctx(tiny_pair, splits, tmp_path / "lkd", {}, teacher_cache=tmp_path / "none.pt")
+    ctx = _ctx(tiny_pair, splits, tmp_path / "lkd", {}, artifacts={"cache": tmp_path / "none.pt"})
     with pytest.raises(ValueError, match="pairing"):
         get_method("layerwise_kd").run(ctx)
 

@@ -15,7 +15,7 @@ from semalign.bases import (
     semantic_bases,
     write_decomposition,
 )
-from semalign.models import VocabularyMismatchError
+from semalign.suite.models import VocabularyMismatchError
 
 
 def tiny_llama(seed: int, layers: int = 2, hidden: int = 16, vocab: int = 97, tied: bool = False) -> LlamaForCausalLM:

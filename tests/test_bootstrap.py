@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from semalign.bootstrap import bootstrap_student, build_corpus, gsm8k_test_questions, lr_factor
-from semalign.data import data_dir
-from semalign.models import load_manifest, load_model, load_tokenizer
+from semalign.suite.bootstrap import bootstrap_student, build_corpus, gsm8k_test_questions, lr_factor
+from semalign.suite.models import load_manifest, load_model, load_tokenizer
+from semalign.suite.sources import data_dir
 
 # First GSM8K test question: must never reach the student.
 TEST_Q = "Janet\u2019s ducks lay 16 eggs per day."

@@ -1,82 +1,82 @@
-"""semalign.data on the real ../shared/data files: normalisation, deterministic disjoint splits, clear errors."""
+"""The data layer (semalign.suite.sources, splits) on the real ../shared/data files: normalisation, deterministic disjoint splits, clear errors."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from semalign import data
+from semalign.suite import io, sources, splits
 
-needs_data = pytest.mark.skipif(data.data_dir() is None, reason="no local data dir (../shared/data)")
+needs_data = pytest.mark.skipif(sources.data_dir() is None, reason="no local data dir (../shared/data)")
 SIZES = {"extract": 3, "align": 4, "train": 5}
 
 
 @needs_data
 def test_gsm8k_records_normalised():
-    first = data.load_test_set("gsm8k")[0]  # "Janet's ducks": the solution ends with "#### 18"
+    first = sources.load_test_set("gsm8k")[0]  # "Janet's ducks": the solution ends with "#### 18"
     assert first["question"].startswith("Janet") and first["target"] == "18"
-    assert data.gsm8k_target("So 1,234 in total\n#### 1,234") == "1234"
-    sol = data.gsm8k_solution(first["answer"])
+    assert sources.gsm8k_target("So 1,234 in total\n#### 1,234") == "1234"
+    sol = sources.gsm8k_solution(first["answer"])
     assert "<<" not in sol and sol.startswith("Answer: ") and sol.endswith("So the answer is 18.")
 
 
 @needs_data
 def test_mmlu_mbpp_humaneval_records_normalised():
-    mmlu = data.load_test_set("mmlu")
+    mmlu = sources.load_test_set("mmlu")
     assert len(mmlu) == 14042
     rec = next(r for r in mmlu if r["subject"] == "anatomy")
     assert rec["answer"] == 0 and len(rec["choices"]) == 4 and rec["question"].startswith("A lesion causing")
-    mbpp = data.load_test_set("mbpp")
+    mbpp = sources.load_test_set("mbpp")
     assert [r["task_id"] for r in mbpp] == list(range(11, 511))
     assert mbpp[0]["prompt"].splitlines()[-1].startswith("def ") and isinstance(mbpp[0]["test_list"], list)
-    he = data.load_test_set("humaneval")
+    he = sources.load_test_set("humaneval")
     assert len(he) == 164 and set(he[0]) == {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
 
 
 @needs_data
 def test_mbpp_prompt_matches_protocol_files():
     """Our MBPP prompt builder reproduces the PKT protocol's user turns byte for byte."""
-    by_text = {r["text"].strip(): r for r in data.read_jsonl(data.data_dir() / "mbpp" / "mbpp.jsonl")}
-    for rec in data.load_transfer_pool("mbpp")["extract"]:
+    by_text = {r["text"].strip(): r for r in io.read_jsonl(sources.data_dir() / "mbpp" / "mbpp.jsonl")}
+    for rec in sources.load_transfer_pool("mbpp")["extract"]:
         user = rec["messages"][0]["content"]
         row = by_text[user.split("\n\n\n", 1)[1].split("\n", 1)[0].strip()]
-        assert user == data.CODE_USER.format(prompt=data._mbpp_record(row)["prompt"])
+        assert user == sources.CODE_USER.format(prompt=sources._mbpp_record(row)["prompt"])
 
 
 @needs_data
 def test_transfer_pool_is_protocol_files():
-    pool = data.load_transfer_pool("gsm8k")
+    pool = sources.load_transfer_pool("gsm8k")
     assert {k: len(v) for k, v in pool.items()} == {"extract": 20, "align": 80, "train": 1000}
     assert all(r["messages"][0]["role"] == "user" and r["id"] for r in pool["train"])
-    assert len({r["id"] for r in data.load_transfer_pool("mbpp")["train"]}) == 300  # ids added where absent
+    assert len({r["id"] for r in sources.load_transfer_pool("mbpp")["train"]}) == 300  # ids added where absent
 
 
 @needs_data
 def test_fallback_pool_from_train_sets(tmp_path, monkeypatch):
     """Without pkt_splits, the pool is cut from the benchmark's train data, disjoint from its test set."""
     for sub in ("gsm8k", "mbpp"):
-        (tmp_path / sub).symlink_to(data.data_dir() / sub)
+        (tmp_path / sub).symlink_to(sources.data_dir() / sub)
     monkeypatch.setenv("SEMALIGN_DATA_DIR", str(tmp_path))
-    gsm = data.load_transfer_pool("gsm8k")
+    gsm = sources.load_transfer_pool("gsm8k")
     assert sum(map(len, gsm.values())) == 7473 and gsm["train"][0]["messages"][1]["content"].startswith("Answer: ")
-    he = data.load_transfer_pool("humaneval")  # MBPP non-test tasks as code-instruction data
+    he = sources.load_transfer_pool("humaneval")  # MBPP non-test tasks as code-instruction data
     assert sum(map(len, he.values())) == 974 - 500
-    m = data.make_splits("gsm8k", SIZES, 5, seed=0, out_dir=tmp_path / "out")
+    m = splits.make_splits("gsm8k", SIZES, 5, seed=0, out_dir=tmp_path / "out")
     assert m["files"]["train"]["source"].endswith("gsm8k/train.jsonl")
 
 
 @needs_data
 def test_make_splits_deterministic_and_hashed(tmp_path):
-    a = data.make_splits("gsm8k", SIZES, 6, seed=1, out_dir=tmp_path / "a")
-    b = data.make_splits("gsm8k", SIZES, 6, seed=1, out_dir=tmp_path / "b")
-    c = data.make_splits("gsm8k", SIZES, 6, seed=2, out_dir=tmp_path / "c")
+    a = splits.make_splits("gsm8k", SIZES, 6, seed=1, out_dir=tmp_path / "a")
+    b = splits.make_splits("gsm8k", SIZES, 6, seed=1, out_dir=tmp_path / "b")
+    c = splits.make_splits("gsm8k", SIZES, 6, seed=2, out_dir=tmp_path / "c")
     assert a == b and a["files"] != c["files"]
-    for split in data.SPLITS:
+    for split in sources.SPLITS:
         path = tmp_path / "a" / f"{split}.jsonl"
-        assert a["files"][split]["sha256"] == data.sha256(path)
-        assert a["files"][split]["rows"] == len(data.read_jsonl(path)) == {**SIZES, "test": 6}[split]
+        assert a["files"][split]["sha256"] == io.sha256(path)
+        assert a["files"][split]["rows"] == len(io.read_jsonl(path)) == {**SIZES, "test": 6}[split]
     assert json.loads((tmp_path / "a" / "manifest.json").read_text()) == a
-    test = data.read_jsonl(tmp_path / "a" / "test.jsonl")
+    test = io.read_jsonl(tmp_path / "a" / "test.jsonl")
     assert set(test[0]) == {"id", "question", "answer", "target"}
     assert not list(tmp_path.glob("*/.*.tmp"))
 
@@ -84,7 +84,7 @@ def test_make_splits_deterministic_and_hashed(tmp_path):
 @needs_data
 def test_make_splits_full_test_set_is_decontaminated(tmp_path):
     """MMLU's test set shares 7 questions with the PKT mmlu pool: they are dropped and listed, never evaluated."""
-    m = data.make_splits("mmlu", SIZES, None, seed=0, out_dir=tmp_path)
+    m = splits.make_splits("mmlu", SIZES, None, seed=0, out_dir=tmp_path)
     assert len(m["test_excluded_overlap"]) == 7 and "college_physics_test_49" in m["test_excluded_overlap"]
     assert m["files"]["test"]["rows"] == 14042 - 7
 
@@ -99,48 +99,48 @@ def test_make_splits_full_test_set_is_decontaminated(tmp_path):
 ])
 def test_make_splits_size_errors(tmp_path, sizes, test_size, match):
     with pytest.raises(ValueError, match=match):
-        data.make_splits("gsm8k", sizes, test_size, seed=0, out_dir=tmp_path)
+        splits.make_splits("gsm8k", sizes, test_size, seed=0, out_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written on error
 
 
 @needs_data
 def test_overlap_is_rejected():
-    pool = data.load_transfer_pool("gsm8k")
-    test = data.load_test_set("gsm8k")[:5]
-    clean = {**{s: pool[s][:5] for s in data.TRANSFER_SPLITS}, "test": test}
-    data.check_disjoint("gsm8k", clean)
+    pool = sources.load_transfer_pool("gsm8k")
+    test = sources.load_test_set("gsm8k")[:5]
+    clean = {**{s: pool[s][:5] for s in sources.TRANSFER_SPLITS}, "test": test}
+    splits.check_disjoint("gsm8k", clean)
     with pytest.raises(ValueError, match="gsm8k: extract and train splits share 1"):
-        data.check_disjoint("gsm8k", {**clean, "train": clean["train"] + [clean["extract"][0]]})
-    leaked = data._chat("x", data.test_prompt("gsm8k", {**test[2], "question": test[2]["question"] + "  "}), "A")
+        splits.check_disjoint("gsm8k", {**clean, "train": clean["train"] + [clean["extract"][0]]})
+    leaked = sources._chat("x", splits.test_prompt("gsm8k", {**test[2], "question": test[2]["question"] + "  "}), "A")
     with pytest.raises(ValueError, match="gsm8k: test split overlaps the transfer data in 1 item"):
-        data.check_disjoint("gsm8k", {**clean, "align": clean["align"] + [leaked]})
+        splits.check_disjoint("gsm8k", {**clean, "align": clean["align"] + [leaked]})
 
 
 @needs_data
 def test_gsm8k_protocol_pool_vs_real_test_set():
     """The real check: no GSM8K test question (normalised) occurs in the PKT gsm transfer files."""
-    pool = data.load_transfer_pool("gsm8k")
-    keys = set().union(*(data._keys(p) for p in pool.values()))
-    assert data._contaminated("gsm8k", data.load_test_set("gsm8k"), keys) == []
+    pool = sources.load_transfer_pool("gsm8k")
+    keys = set().union(*(splits._keys(p) for p in pool.values()))
+    assert splits._contaminated("gsm8k", sources.load_test_set("gsm8k"), keys) == []
     assert len(keys) == 1100
 
 
 def test_missing_data_dir_errors(monkeypatch, tmp_path):
     monkeypatch.setenv("SEMALIGN_DATA_DIR", str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="SEMALIGN_DATA_DIR=.*does not exist"):
-        data.load_test_set("gsm8k")
+        sources.load_test_set("gsm8k")
 
 
 def test_offline_without_local_data_errors(monkeypatch):
-    monkeypatch.setattr(data, "data_dir", lambda: None)
+    monkeypatch.setattr(sources, "data_dir", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="set SEMALIGN_DATA_DIR .* or enable network"):
-        data.load_test_set("mmlu")
+        sources.load_test_set("mmlu")
 
 
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'math'"):
-        data.load_test_set("math")
+        sources.load_test_set("math")
 
 
 @pytest.mark.parametrize("line, culprit", [('{"id": 1', "malformed JSON"), ("[1, 2]", "expected a JSON object")])
@@ -148,4 +148,4 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, culprit):
     path = tmp_path / "train.jsonl"
     path.write_text('{"id": 0}\n\n' + line + "\n")
     with pytest.raises(ValueError, match=rf"train.jsonl:3: {culprit}"):
-        data.read_jsonl(path)
+        io.read_jsonl(path)

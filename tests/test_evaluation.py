@@ -8,11 +8,11 @@ import pytest
 from lm_eval.api.model import LM
 from lm_eval.utils import apply_template
 
-from semalign import data
-from semalign.evaluation import CODE_TASKS, evaluate_model, task_configs
-from semalign.tasks import utils
+from semalign.suite import io, sources, splits
+from semalign.suite.evaluation import CODE_TASKS, evaluate_model, task_configs
+from semalign.suite.tasks import utils
 
-needs_data = pytest.mark.skipif(data.data_dir() is None, reason="no local data dir (../shared/data)")
+needs_data = pytest.mark.skipif(sources.data_dir() is None, reason="no local data dir (../shared/data)")
 N_TEST = 4
 
 
@@ -64,13 +64,13 @@ def test_files(tmp_path_factory):
     """Small real test files written by make_splits, one per task."""
     root = tmp_path_factory.mktemp("splits")
     sizes = {"extract": 2, "align": 2, "train": 2}
-    for task in data.TASKS:
-        data.make_splits(task, sizes, N_TEST, seed=0, out_dir=root / task)
-    return {task: root / task / "test.jsonl" for task in data.TASKS}
+    for task in sources.TASKS:
+        splits.make_splits(task, sizes, N_TEST, seed=0, out_dir=root / task)
+    return {task: root / task / "test.jsonl" for task in sources.TASKS}
 
 
 @needs_data
-@pytest.mark.parametrize("task", data.TASKS)
+@pytest.mark.parametrize("task", sources.TASKS)
 def test_oracle_scores_one_and_zero(task, test_files):
     right = evaluate_model("oracle", task, test_files[task], allow_code_execution=True, model=Oracle(right=True))
     wrong = evaluate_model("oracle", task, test_files[task], allow_code_execution=True, model=Oracle(right=False))
@@ -84,12 +84,12 @@ def test_prompts_match_transfer_data_format(test_files):
     """Chat prompts put exactly the PKT user turn in front of the assistant prefix the transfer data trains on."""
     oracle = Oracle(right=True)
     evaluate_model("oracle", "gsm8k", test_files["gsm8k"], allow_code_execution=False, model=oracle, chat_template=False)
-    doc = data.read_jsonl(test_files["gsm8k"])[0]
-    assert oracle.prompts[0] == data.test_prompt("gsm8k", doc) + "\nAnswer:"
-    for task in data.TASKS:
+    doc = io.read_jsonl(test_files["gsm8k"])[0]
+    assert oracle.prompts[0] == splits.test_prompt("gsm8k", doc) + "\nAnswer:"
+    for task in sources.TASKS:
         main, nll = task_configs(task, test_files[task], max_gen_toks=7, chat=True)
-        doc = data.read_jsonl(test_files[task])[0]
-        assert apply_template(main["doc_to_text"], doc) == data.test_prompt(task, doc)
+        doc = io.read_jsonl(test_files[task])[0]
+        assert apply_template(main["doc_to_text"], doc) == splits.test_prompt(task, doc)
         assert main["doc_to_text"] == nll["doc_to_text"] and main.get("gen_prefix") == nll.get("gen_prefix")
         if main.get("generation_kwargs"):
             assert main["generation_kwargs"]["max_gen_toks"] == 7
@@ -140,7 +140,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @needs_data
-@pytest.mark.parametrize("task", data.TASKS)
+@pytest.mark.parametrize("task", sources.TASKS)
 def test_tiny_hf_model_end_to_end(task, tiny_model_dir, test_files):
     res = evaluate_model(tiny_model_dir, task, test_files[task], allow_code_execution=True, batch_size=4,
                          max_gen_toks=4, device="cpu", limit=2)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from semalign.bases import aligned_map
-from semalign.cache import TeacherCache, build_teacher_cache
 from semalign.frontier import (
     SemAlignConfig,
     StageLimitReached,
@@ -16,9 +15,10 @@ from semalign.frontier import (
     stage_trainable_params,
     train_frontier,
 )
-from semalign.models import load_model
 from semalign.pairing import pair_layers, teacher_layers_needed
-from semalign.registry import TransferContext
+from semalign.suite.cache import TeacherCache, build_teacher_cache
+from semalign.suite.models import load_model
+from semalign.suite.registry import TransferContext
 
 FAST = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2}
 
@@ -131,16 +131,17 @@ def test_only_layer_k_changes_at_stage_k(setup, tmp_path, trainable):
 
 @pytest.mark.parametrize("trainable", ["lora", "full"])
 def test_resume_equals_uninterrupted(setup, tmp_path, trainable):
-    from semalign.methods.semalign import SemAlign
+    from semalign.method import SemAlign
 
     teacher, student, cache_path, pairing_path = setup
 
     # the lora run takes M from the semantic_bases rule's file, the full run computes it from the two heads
-    extras = {"pairing": pairing_path, **({"aligned_map": cache_path.parent / "map.pt"} if trainable == "lora" else {})}
+    artifacts = {"cache": cache_path, "pairing": pairing_path,
+                 **({"aligned_map": cache_path.parent / "map.pt"} if trainable == "lora" else {})}
 
     def ctx(name, **extra):
         return TransferContext(teacher=teacher, student=student, splits=tmp_path, task="gsm8k", out_dir=tmp_path / name,
-                               teacher_cache=cache_path, seed=3, extras=extras,
+                               seed=3, artifacts=artifacts,
                                params={**FAST, "epochs": 2, "trainable": trainable, **extra})
 
     straight = SemAlign().run(ctx("straight"))

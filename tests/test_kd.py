@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from semalign.cache import TeacherCache, build_teacher_cache
-from semalign.models import load_model
-from semalign.registry import TransferContext, get_method
-from semalign.training import output_kl, shift_mask
+from semalign.suite.cache import TeacherCache, build_teacher_cache
+from semalign.suite.models import load_model
+from semalign.suite.objectives import output_kl, shift_mask
+from semalign.suite.registry import TransferContext, get_method
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_cache_logits_and_layers_match_teacher(tiny_pair, cache):
 def _kd(tiny_pair, cache, tmp_path, name, **params):
     teacher, student = tiny_pair
     ctx = TransferContext(teacher=teacher, student=student, splits=tmp_path, task="gsm8k",
-                          out_dir=tmp_path / name, teacher_cache=cache, seed=3,
+                          out_dir=tmp_path / name, artifacts={"cache": cache}, seed=3,
                           params={"batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, **params})
     return get_method("kd").run(ctx), ctx
 
@@ -79,11 +79,11 @@ def test_kd_changed_config_starts_fresh(tiny_pair, cache, tmp_path):
 def test_run_transfer_counts_layer_passes(tiny_pair, cache, tmp_path):
     """The cost record counts every student-layer pass: KD runs all 2 layers forward and backward once per
     example and epoch, and never runs the teacher (its logits come from the cache)."""
-    from semalign.pipeline import run_transfer
+    from semalign.suite.pipeline import run_transfer
 
     teacher, student = tiny_pair
     ctx = TransferContext(teacher=teacher, student=student, splits=tmp_path, task="gsm8k", out_dir=tmp_path / "kd",
-                          teacher_cache=cache, params={"epochs": 2, "batch_size": 4, "micro_batch_size": 2})
+                          artifacts={"cache": cache}, params={"epochs": 2, "batch_size": 4, "micro_batch_size": 2})
     record = run_transfer("kd", ctx, tmp_path / "kd" / "transfer.json")
     n, layers, epochs = 6, 2, 2
     passes = record["layer_passes"]

@@ -21,9 +21,9 @@ from baselines.laten import (
     neuron_scores,
     target_logprob,
 )
-from semalign.data import write_jsonl
-from semalign.models import load_model
-from semalign.registry import TransferContext, get_method
+from semalign.suite.io import write_jsonl
+from semalign.suite.models import load_model
+from semalign.suite.registry import TransferContext, get_method
 
 
 def test_config_validates():

@@ -14,7 +14,7 @@ from semalign.losses import (
     relation_loss,
     relation_matrices,
 )
-from semalign.training import output_kl
+from semalign.suite.objectives import output_kl
 
 D64 = torch.float64
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from semalign import models
-from semalign.models import (
+from semalign.suite import models
+from semalign.suite.models import (
     ModelNotFoundError,
     VocabularyMismatchError,
     check_same_vocab,
@@ -167,7 +167,7 @@ def test_load_trainable_and_accessors(tiny):
     assert lm_head(model).weight is embed_tokens(model).weight  # tied
     assert isinstance(final_norm(model), torch.nn.Module)
 
-    from semalign.training import apply_lora
+    from semalign.suite.lora import apply_lora
 
     wrapped = apply_lora(model, r=2, alpha=4, dropout=0.0, target_modules=["q_proj"])
     assert decoder_layers(wrapped) is decoder_layers(model)

@@ -1,12 +1,14 @@
 import pytest
 
-from semalign.registry import Method, available_methods, get_method, register_method
+from semalign.suite.registry import Method, available_methods, get_method, register_method
 
 
 def test_builtin_methods_registered():
     names = available_methods()
     assert {"none", "teacher", "kd"} <= set(names)
-    assert get_method("kd").uses_teacher_cache
+    kd = get_method("kd")
+    assert kd.uses_teacher_cache(kd.config({}))
+    assert not get_method("lora_sft").uses_teacher_cache(get_method("lora_sft").config({}))
     assert get_method("none").reference == "student" and get_method("teacher").reference == "teacher"
     assert get_method("kd").reference is None
 

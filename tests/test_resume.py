@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from semalign.cache import build_teacher_cache
-from semalign.data import write_jsonl
-from semalign.models import load_model
 from semalign.pairing import pair_layers, teacher_layers_needed
+from semalign.suite.cache import build_teacher_cache
+from semalign.suite.io import write_jsonl
+from semalign.suite.models import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (method, checkpoint file that marks "a unit of work is done", params long enough to be killed in the next unit)

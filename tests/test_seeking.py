@@ -21,10 +21,11 @@ from baselines.seeking import (
     select_layers,
     sensitivity,
 )
-from semalign.data import write_jsonl
-from semalign.models import load_model
-from semalign.registry import TransferContext, get_method
-from semalign.training import sft_loss, tokenize_records
+from semalign.suite.chat import tokenize_records
+from semalign.suite.io import write_jsonl
+from semalign.suite.models import load_model
+from semalign.suite.objectives import sft_loss
+from semalign.suite.registry import TransferContext, get_method
 
 
 def test_config_defaults_and_validation():

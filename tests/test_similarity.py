@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from semalign.models import load_model
 from semalign.pairing import pair_layers
 from semalign.similarity import cka_matrix, cka_report, layer_representations, linear_cka, read_cka, token_positions
-from semalign.training import tokenize_records
+from semalign.suite.chat import tokenize_records
+from semalign.suite.models import load_model
 
 
 def test_linear_cka_invariances():

@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from semalign.training import batches, output_kl, shift_mask, tokenize_records, trim
+from semalign.suite.chat import tokenize_records
+from semalign.suite.objectives import output_kl, shift_mask
+from semalign.suite.train import batches, trim
 
 
 def test_kl_zero_for_identical_and_matches_hand_value():
@@ -60,7 +62,7 @@ def test_shift_and_trim():
 
 
 def test_method_config_rejects_unknown():
-    from semalign.registry import get_method
+    from semalign.suite.registry import get_method
 
     kd = get_method("kd")
     assert kd.config({"lr": 0.1}).lr == 0.1
@@ -78,7 +80,7 @@ def _toy_data(n: int = 6) -> dict[str, torch.Tensor]:
 
 
 def test_fit_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
-    from semalign.training import TrainConfig, fit
+    from semalign.suite.train import TrainConfig, fit
 
     model = torch.nn.Linear(4, 1)
     poison = {"on": False}
@@ -100,7 +102,7 @@ def test_fit_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_linear_schedule_warms_up_and_decays():
-    from semalign.training import TrainConfig, lr_schedule
+    from semalign.suite.train import TrainConfig, lr_schedule
 
     cfg = TrainConfig(lr=1.0, schedule="linear", warmup_ratio=0.25)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
@@ -115,7 +117,7 @@ def test_linear_schedule_warms_up_and_decays():
 
 
 def test_train_config_rejects_bad_values():
-    from semalign.training import TrainConfig
+    from semalign.suite.train import TrainConfig
 
     for bad in ({"trainable": "half"}, {"schedule": "cosine"}, {"epochs": 0}, {"warmup_ratio": 1.0}):
         with pytest.raises(ValueError, match="TrainConfig"):
@@ -124,7 +126,7 @@ def test_train_config_rejects_bad_values():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_cuda_requested_without_gpu_is_one_clear_error():
-    from semalign.pipeline import resolve_device
+    from semalign.suite.pipeline import resolve_device
 
     with pytest.raises(RuntimeError, match="device='cuda' requested but no CUDA GPU"):
         resolve_device("cuda")
@@ -133,15 +135,15 @@ def test_cuda_requested_without_gpu_is_one_clear_error():
 
 def test_ce_of_rows_without_answer_tokens_is_zero_not_nan():
     """Regression: a micro-batch whose answers were all truncated away made LaTen's step NaN."""
-    from semalign.training import answer_ce
+    from semalign.suite.objectives import answer_ce
 
     assert answer_ce(torch.randn(0, 11, requires_grad=True), torch.zeros(0, dtype=torch.long)).item() == 0.0
 
 
 def test_answer_logits_equal_the_full_forward_at_scored_positions(tiny_pair, chat_records):
     """Reading out only at answer positions is the same math as the full forward, masked afterwards."""
-    from semalign.models import load_model
-    from semalign.training import answer_ce, answer_logits
+    from semalign.suite.models import load_model
+    from semalign.suite.objectives import answer_ce, answer_logits
 
     model, tok = load_model(tiny_pair[1], trainable=True)
     model.eval()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,35 +15,54 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The README's "adding a method" example, verbatim in spirit: one module, registered through `plugins:`.
-KD_SFT = '''
-from semalign.methods.kd import KnowledgeDistillation
-from semalign.registry import register_method
+def snakemake(workdir: Path, config: dict | None, *args: str, env: dict | None = None,
+              repo: Path = REPO) -> subprocess.CompletedProcess:
+    """Run Snakemake on `repo`'s Snakefile in `workdir`; `config` (if any) is passed as the --configfile."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"), "--directory", str(workdir)]
+    if config is not None:
+        cfg = workdir / "config.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        cmd += ["--configfile", str(cfg)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=1800)
 
 
-@register_method("kd_sft")
-class KDWithSFT(KnowledgeDistillation):
-    """KD plus the gold-answer cross-entropy."""
+def profile(name: str, repo: Path = REPO) -> dict:
+    """A profile as the workflow sees it: config/base.yaml overlaid with config/<name>.yaml (Snakemake's merge)."""
+    from snakemake.utils import update_config
 
-    def run(self, ctx):
-        ctx.params = {"ce_weight": 1.0, **ctx.params}
-        return super().run(ctx)
-'''
-
-
-def snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cfg = workdir / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(cfg), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
+    cfg = yaml.safe_load((repo / "config" / "base.yaml").read_text())
+    update_config(cfg, yaml.safe_load((repo / "config" / f"{name}.yaml").read_text()))
+    return cfg
 
 
-def profile(name: str) -> dict:
-    return yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+def readme_example(repo: Path) -> list[Path]:
+    """Apply the README's "Add a baseline" code blocks to `repo`, as a reader would: each block's first line names
+    its file; a new file is created, an existing one (the profile) gets the block's lines appended."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Add a baseline"):]
+    section = section[:section.index("\n## ")]
+    touched = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", section, flags=re.S):
+        first, body = block.split("\n", 1)
+        path = repo / first.removeprefix("# ").strip()
+        path.write_text(path.read_text() + "\n" + body if path.exists() else block)
+        touched.append(path)
+    return touched
 
 
-PROFILES = sorted(p.stem for p in (REPO / "config").glob("*.yaml"))
+def copy_repo(dest: Path) -> Path:
+    """The working tree as a fresh clone would see it (tracked and untracked, not ignored, files)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+PROFILES = sorted(p.stem for p in (REPO / "config").glob("*.yaml") if p.stem != "base")
 
 
 def test_profiles_present():
@@ -151,24 +171,36 @@ def test_bad_config_rejected_naming_the_key(tmp_path, mutate, culprit):
     assert culprit in res.stderr + res.stdout
 
 
+def test_default_profile_loads_under_config_overrides(tmp_path):
+    """Regression: any --config key=value stopped the default profile (mini) from loading."""
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                          str(tmp_path), "-n", "--quiet", "rules", "--config", "seeds=[0]"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "bootstrap_student" in res.stdout  # mini's own rule: the mini profile was loaded
+
+
 def test_smoke_dag_end_to_end(tmp_path):
-    """Run every rule of the smoke profile, plus the README's plugin method, and check the tables' content."""
-    plugin_dir = tmp_path / "plugins"
-    plugin_dir.mkdir()
-    (plugin_dir / "kd_sft.py").write_text(KD_SFT)
-    cfg = profile("smoke")
-    cfg["plugins"] = ["kd_sft"]
-    cfg["methods"] = cfg["methods"] + ["kd_sft"]
+    """Run every rule of the smoke profile, plus the README's worked example (a baseline with its own artifact,
+    added to a copy of the repository from the README's text), and check the tables' content."""
+    repo = copy_repo(tmp_path / "repo")
+    touched = readme_example(repo)
+    assert [p.relative_to(repo).as_posix() for p in touched] == [
+        "baselines/prior_sft.py", "workflow/rules/methods/prior_sft.smk", "config/smoke.yaml"]
+    cfg = profile("smoke", repo)
+    assert cfg["methods"][-1] == "prior_sft"
     work = tmp_path / "work"
     work.mkdir()
-    env = {"PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}  # as the README runs it
-    res = snakemake(work, cfg, "--cores", "2", env=env)
+    env = {"PYTHONPATH": str(repo)}  # the copy's packages, not the installed ones
+    res = snakemake(work, cfg, "--cores", "2", env=env, repo=repo)
     assert res.returncode == 0, res.stderr[-5000:]
+    prior = work / "results" / "smoke" / "prior" / "tiny" / "gsm8k.pt"
+    assert abs(float(__import__("torch").load(prior).sum()) - 1.0) < 1e-5  # the artifact was made and read
 
     tables = work / "results" / "smoke" / "tables"
     main = pd.read_csv(tables / "main.csv")
     assert list(main["method"]) == ["teacher", "student (no transfer)", "lora_sft", "kd", "layerwise_kd", "seeking",
-                                    "laten", "semalign", "kd_sft"]
+                                    "laten", "semalign", "prior_sft"]
     for col in ["MMLU acc", "GSM8K acc", "HumanEval pass@1", "MBPP pass@1"]:
         assert main[col].notna().all(), col
         assert main[col].astype(float).between(0, 100).all(), col
@@ -199,17 +231,17 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert json.loads((transfer / "laten" / "seed0" / "train_stats.json").read_text())["delta_nonzero"] > 0
     assert len(pd.read_csv(transfer / "seeking" / "seed0" / "layer_sensitivity.csv")) == 4
     # the cost benchmark reuses the DAG's inputs and re-runs every trained method in its own process
-    bench = snakemake(work, cfg, "--cores", "2", "--", "results/smoke/bench/transfer_cost.md", env=env)
+    bench = snakemake(work, cfg, "--cores", "2", "--", "results/smoke/bench/transfer_cost.md", env=env, repo=repo)
     assert bench.returncode == 0, bench.stderr[-3000:]
     cost = json.loads((work / "results" / "smoke" / "bench" / "transfer_cost.json").read_text())
     rows = {r["method"]: r for r in cost["rows"]}
-    assert set(rows) == {"lora_sft", "kd", "layerwise_kd", "seeking", "laten", "semalign", "kd_sft"}
+    assert set(rows) == {"lora_sft", "kd", "layerwise_kd", "seeking", "laten", "semalign", "prior_sft"}
     assert rows["kd"]["wall / kd"] == 1.0 and rows["kd"]["teacher fwd / example"] == 1.0
     assert rows["lora_sft"]["teacher fwd / example"] == 0.0 and rows["seeking"]["teacher fwd / example"] > 0
     assert rows["kd"]["student layer bwd / example"] == 2.0  # 2 layers x 1 epoch
     # regression: a re-run of the benchmark resumed every method from the first run's checkpoints
     bench = snakemake(work, cfg, "--cores", "2", "--forcerun", "transfer_cost", "--",
-                      "results/smoke/bench/transfer_cost.md", env=env)
+                      "results/smoke/bench/transfer_cost.md", env=env, repo=repo)
     assert bench.returncode == 0, bench.stderr[-3000:]
     again = json.loads((work / "results" / "smoke" / "bench" / "transfer_cost.json").read_text())
     assert len(again["records"]) == 7 and not any(r["resumed"] for r in again["records"])
@@ -229,12 +261,12 @@ def test_smoke_dag_end_to_end(tmp_path):
     transfers = work / "results" / "smoke" / "transfer"
     for ckpt in list(transfers.rglob("ckpt")):
         shutil.rmtree(ckpt)
-    again = snakemake(work, cfg, "--cores", "2", "--forcerun", "transfer", env=env)
+    again = snakemake(work, cfg, "--cores", "2", "--forcerun", "transfer", env=env, repo=repo)
     assert again.returncode == 0, again.stderr[-3000:]
     records = [json.loads(f.read_text()) for f in transfers.rglob("transfer.json")]
     assert records and not any(r["resumed"] for r in records)  # every one trained, none resumed
     assert (tables / "main.csv").read_text() == first
     # the README's report command (regression: it once failed for want of --cores)
-    report = snakemake(work, cfg, "--report", "results/smoke/report.html", env=env)
+    report = snakemake(work, cfg, "--report", "results/smoke/report.html", env=env, repo=repo)
     assert report.returncode == 0, report.stderr[-3000:]
     assert (work / "results" / "smoke" / "report.html").stat().st_size > 10_000

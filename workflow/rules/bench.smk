@@ -4,14 +4,17 @@
 
 rule transfer_cost:
     input:
-        unpack(cost_inputs),
+        transfers=sorted({f for inputs in bench_inputs().values() for f in inputs.values()}),
+        facts=[run_facts_inputs()[bench_target()[0]][bench_target()[1]][k] for k in ("train", "teacher", "student")],
+        cache=f"{R}/cache/{bench_target()[0]}/{bench_target()[1]}/teacher.pt",
+        cache_benchmark=f"{BENCH}/cache_teacher/{bench_target()[0]}/{bench_target()[1]}.tsv",
     output:
         json=f"{R}/bench/transfer_cost.json",
         md=report(f"{R}/bench/transfer_cost.md", caption="../report/transfer_cost.rst", category="Cost"),
     params:
         pair=bench_target()[0],
         task=bench_target()[1],
-        methods=trained_methods(),
+        inputs=bench_inputs(),
         method_params=config["method_params"],
         seed=SEEDS[0],
         device=config["device"],

@@ -1,63 +1,105 @@
-# Config loading, validation and every input function. Rules only name what they need.
+# Config validation and every input function. Rules only name what they need; methods say what they read
+# (Method.needs), so nothing here looks inside a method's config.
 import os
 import re
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 from types import SimpleNamespace
 
-import yaml
 from snakemake.utils import validate
 
-# The default profile is mini. Loaded here rather than with `configfile:` so that `--configfile` replaces
-# the profile instead of being merged into it (a merge would leak mini's models into other profiles).
-if not config:
-    config.update(yaml.safe_load(Path(workflow.basedir, "config", "mini.yaml").read_text()))
+from semalign.attribution import METHODS as ATTRIBUTION_METHODS
+from semalign.method import AlignedMap, Pairing
+from semalign.pairing import STRATEGIES
+from semalign.suite.ids import PairingName, SplitId, Variant
+from semalign.suite.sources import SPLITS, data_dir, source_files
+from semalign.suite.registry import Artifact, TeacherCache, available_methods, method_class
+
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Rule scripts import the semalign package: make the checkout importable also inside per-rule conda envs.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
-# Methods living outside the package (config `plugins:`) are imported by every job through this variable.
+# Methods living outside the repository (config `plugins:`) are imported by every job through this variable.
 os.environ["SEMALIGN_PLUGINS"] = ",".join(config["plugins"])
 
 R = f"results/{config['profile']}"
-PAPER_REPORTED = str(Path(workflow.basedir, "semalign", "paper_reported.yaml"))  # an input: edits rerun aggregate
 LOGS = f"logs/{config['profile']}"
 BENCH = f"{R}/benchmarks"
+PAPER_REPORTED = str(Path(workflow.basedir, "semalign", "suite", "paper_reported.yaml"))  # an input: edits rerun it
 SEEDS = config["seeds"]
 ABLATION_SEEDS = config["ablations"].get("seeds", SEEDS)
+ABLATION_TASKS = config["ablations"].get("tasks", config["tasks"])
 TASKS = config["tasks"]
 METHODS = config["methods"]
 THREADS = config["threads"]  # Snakemake scales it down to --cores; no workflow.cores here, --report has none
-ATTRIBUTIONS = "grad_x_act|logit_lens|random"
+
+
+def _data_dir() -> Path | None:
+    """`data.dir`, else $SEMALIGN_DATA_DIR or ../shared/data (semalign.suite.sources.data_dir); None = the hub."""
+    if not config["data"]["dir"]:
+        return data_dir()
+    path = Path(config["data"]["dir"]).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"config: data.dir = {config['data']['dir']!r} is not a directory")
+    return path.resolve()
+
+
+DATA_DIR = _data_dir()
+
+
+def _alternatives(names) -> str:
+    return "|".join(map(re.escape, names))
 
 
 wildcard_constraints:
-    attribution=ATTRIBUTIONS,
-    pairing=rf"(attributed-({ATTRIBUTIONS})|depth_ratio|interpolated|last_only|cka|random)",
     seed=r"\d+",
-    method=r"[A-Za-z0-9_]+(@[A-Za-z0-9_]+=[^/]+)?",
+    method=Variant.PATTERN,
 
 
-def ablation_variants() -> dict[str, tuple[str, str, object]]:
-    """``<method>@<key>=<value>`` -> (method, key, value) for every ablation value that differs from the method's
-    configured one (that one is the reference row, already run as the method itself)."""
-    variants = {}
+# ------------------------------------------------------------------------------------------------------ methods
+def method_cls(name: str | Variant):
+    variant = Variant.parse(name) if isinstance(name, str) else name
+    return method_class(variant.method)
+
+
+def method_params(name: str | Variant) -> dict:
+    """A method's configured parameters; a variant's are its method's with the one ablated key replaced."""
+    variant = Variant.parse(name) if isinstance(name, str) else name
+    params = dict(config["method_params"].get(variant.method, {}))
+    if variant.is_variant:
+        params[variant.key] = variant.value
+    return params
+
+
+def method_config(name: str | Variant):
+    return method_cls(name).config(method_params(name))
+
+
+def needs(name: str | Variant) -> list[Artifact]:
+    """The artifacts a transfer of method (or variant) ``name`` reads, as its method declares them."""
+    cls = method_cls(name)
+    return [] if cls.reference else cls.needs(method_config(name))
+
+
+def ablation_variants() -> list[Variant]:
+    """Every ablation value that differs from its method's configured one (that one is the reference row, already
+    run as the method itself); each is validated by the method's config now, not hours into the run."""
+    variants = []
     for method, axes in config["ablations"]["methods"].items():
-        base = {**asdict(method_config(method))} if method_cls(method).config_cls else {}
+        base = asdict(method_config(method)) if method_cls(method).config_cls else {}
         for key, values in axes.items():
             if key not in base:
                 raise ValueError(f"config: ablations.methods.{method}.{key} is not a parameter of {method}")
             for value in values:
                 if value != base[key]:
-                    variants[f"{method}@{key}={value}"] = (method, key, value)
-                    method_cls(method).config({**config["method_params"].get(method, {}), key: value})  # valid?
+                    variant = Variant(method, key, value)
+                    method_config(variant)
+                    variants.append(variant)
     return variants
 
 
 def check_config() -> None:
     """Cross-key checks the schema cannot express; fail at DAG start with one line naming the key."""
-    from semalign.registry import available_methods
-
     known = available_methods()
     for m in METHODS + list(config["method_params"]):
         if m not in known:
@@ -88,6 +130,25 @@ def check_config() -> None:
                          f"{', '.join(m for m in known if not method_cls(m).reference)}")
 
 
+check_config()
+VARIANTS = ablation_variants()
+
+
+def trained_methods() -> list[str]:
+    return [m for m in METHODS if not method_cls(m).reference]
+
+
+def seeds_for(method: str) -> list[int]:
+    """Reference rows do not depend on the seed: evaluate them once."""
+    return [SEEDS[0]] if method_cls(method).reference else SEEDS
+
+
+def methods_on(task: str) -> list[str]:
+    """Every configured method and, on the ablation tasks, every variant."""
+    return METHODS + ([str(v) for v in VARIANTS] if task in ABLATION_TASKS else [])
+
+
+# ------------------------------------------------------------------------------------------------- models, data
 def model_manifest(name: str) -> str:
     """Manifest of the usable model (its dir is the parent): bootstrapped if the spec asks for it, else as prepared."""
     stage = "bootstrapped" if "bootstrap" in config["models"][name] else "prepared"
@@ -98,33 +159,64 @@ def pair_model(role: str):
     return lambda wc: model_manifest(config["pairs"][wc.pair][role])
 
 
-def base_method(name: str) -> str:
-    """The registry name of a method or of an ablation variant of it."""
-    return name.split("@", 1)[0]
+def manifests() -> dict[str, str]:
+    names = {n for p in config["pairs"].values() for n in (p["teacher"], p["student"])}
+    return {n: model_manifest(n) for n in sorted(names)}
 
 
-def method_cls(name: str):
-    from semalign.registry import get_method
-
-    return type(get_method(base_method(name)))
+def splits_manifest(task: str) -> str:
+    return f"{R}/splits/{task}/manifest.json"
 
 
-def method_params(name: str) -> dict:
-    """A method's configured parameters; a variant's are its method's with the one ablated key replaced."""
-    params = dict(config["method_params"].get(base_method(name), {}))
-    if "@" in name:
-        _, key, value = ABLATIONS[name]
-        params[key] = value
-    return params
+def split_file(split: SplitId) -> str:
+    """A split's jsonl, beside the manifest that marks the task's splits complete."""
+    return f"{R}/splits/{split.task}/{split.split}.jsonl"
 
 
-def method_config(name: str):
-    return method_cls(name).config(method_params(name))
+# ---------------------------------------------------------------------------------------------------- transfer
+def transfer_inputs(wc) -> dict:
+    inputs = {"teacher": pair_model("teacher")(wc), "student": pair_model("student")(wc),
+              "splits": splits_manifest(wc.task)}
+    for artifact in needs(wc.method):
+        inputs[artifact.key] = artifact.path(R, wc.pair, wc.task)
+    return inputs
 
 
-def seeds_for(method: str) -> list[int]:
-    """Reference rows do not depend on the seed: evaluate them once."""
-    return [SEEDS[0]] if method_cls(method).reference else SEEDS
+def cache_readers(wc) -> list[TeacherCache]:
+    """What every method and variant on this pair/task wants from the shared teacher cache."""
+    return sorted({a for m in methods_on(wc.task) for a in needs(m) if isinstance(a, TeacherCache)}, key=str)
+
+
+def cache_pairings(wc) -> list[str]:
+    return sorted({pairing_path(a.pairing, wc.pair, wc.task) for a in cache_readers(wc) if a.pairing})
+
+
+def cache_layer_specs(wc) -> list[list[str]]:
+    """[pairing file, states] per reader with teacher layers: the cache keeps the union of their layers."""
+    return [[pairing_path(a.pairing, wc.pair, wc.task), a.states] for a in cache_readers(wc) if a.pairing]
+
+
+def pairing_path(name: PairingName, pair: str, task: str) -> str:
+    return Pairing(name).path(R, pair, task)
+
+
+def pairing_inputs(wc) -> dict:
+    name = PairingName.parse(wc.name)
+    inputs = {"teacher": pair_model("teacher")(wc), "student": pair_model("student")(wc)}
+    if name.attribution:
+        inputs["scores"] = f"{R}/attribution/{wc.pair}/{wc.task}/{name.attribution}.csv"
+    if name.strategy == "cka":
+        inputs["cka"] = f"{R}/cka/{wc.pair}/{wc.task}/none.csv"  # untouched student: no cycle through transfer
+    return inputs
+
+
+def transfer_record(pair: str, task: str, method: str, seed: int) -> str:
+    return f"{R}/transfer/{pair}/{task}/{method}/seed{seed}/transfer.json"
+
+
+def transfer_records() -> list[str]:
+    return [transfer_record(pair, task, method, seed)
+            for pair in config["pairs"] for task in TASKS for method in trained_methods() for seed in SEEDS]
 
 
 def evaluated_model(wc) -> str:
@@ -132,7 +224,7 @@ def evaluated_model(wc) -> str:
     role = method_cls(wc.method).reference
     if role:
         return pair_model(role)(wc)
-    return f"{R}/transfer/{wc.pair}/{wc.task}/{wc.method}/seed{wc.seed}/transfer.json"
+    return transfer_record(wc.pair, wc.task, wc.method, wc.seed)
 
 
 def cka_student(wc) -> str:
@@ -140,131 +232,54 @@ def cka_student(wc) -> str:
     return evaluated_model(SimpleNamespace(pair=wc.pair, task=wc.task, method=wc.method, seed=SEEDS[0]))
 
 
-def pairing_file(method: str, pair: str, task: str) -> str | None:
-    """The layer pairing a method trains with (None for methods without one). Attributed pairings are named
-    after their attribution method, so ablations over either never collide."""
-    cfg = method_config(method)
-    strategy = getattr(cfg, "pairing", None)
-    if strategy is None:
-        return None
-    name = f"attributed-{cfg.attribution}" if strategy == "attributed" else strategy
-    return f"{R}/pairing/{pair}/{task}/{name}.json"
+# ------------------------------------------------------------------------------------------------------ report
+def eval_record(pair: str, task: str, method: str, seed: int) -> str:
+    return f"{R}/eval/{pair}/{task}/{method}/seed{seed}.json"
 
 
-def pairing_inputs(wc) -> dict:
-    inputs = {"teacher": pair_model("teacher")(wc), "student": pair_model("student")(wc)}
-    if wc.pairing.startswith("attributed-"):
-        inputs["scores"] = f"{R}/attribution/{wc.pair}/{wc.task}/{wc.pairing.removeprefix('attributed-')}.csv"
-    if wc.pairing == "cka":
-        inputs["cka"] = f"{R}/cka/{wc.pair}/{wc.task}/none.csv"  # untouched student: no cycle through transfer
-    return inputs
+def eval_records() -> list[str]:
+    main = [eval_record(pair, task, m, seed)
+            for pair in config["pairs"] for task in TASKS for m in METHODS for seed in seeds_for(m)]
+    variants = [eval_record(pair, task, str(v), seed)
+                for pair in config["pairs"] for task in ABLATION_TASKS for v in VARIANTS for seed in ABLATION_SEEDS]
+    return main + variants
 
 
-def cache_pairings(wc) -> list[str]:
-    """Pairings of every configured method and variant on this pair/task: the cache holds the union of their
-    teacher layers."""
-    variants = list(ABLATIONS) if wc.task in config["ablations"].get("tasks", TASKS) else []
-    return sorted({f for m in METHODS + variants if (f := pairing_file(m, wc.pair, wc.task))})
+def ablation_axes() -> list[dict]:
+    """One entry per ablation table: its method, key and rows [label, method or variant name], reference first."""
+    axes = []
+    for method, keys in config["ablations"]["methods"].items():
+        base = asdict(method_config(method))
+        for key, values in keys.items():
+            rows = [[f"{base[key]} (as configured)", method]] + [
+                [str(v), str(Variant(method, key, v))] for v in values if v != base[key]]
+            axes.append({"method": method, "key": key, "rows": rows, "stem": f"ablation_{method}__{key}"})
+    return axes
 
 
-def transfer_inputs(wc) -> dict:
-    inputs = {
-        "teacher": pair_model("teacher")(wc),
-        "student": pair_model("student")(wc),
-        "splits": f"{R}/splits/{wc.task}/manifest.json",
-    }
-    if method_cls(wc.method).uses_teacher_cache:
-        inputs["cache"] = f"{R}/cache/{wc.pair}/{wc.task}/teacher.pt"
-    if pairing := pairing_file(wc.method, wc.pair, wc.task):
-        inputs["pairing"] = pairing
-    if getattr(method_config(wc.method), "recompose", None) == "semantic":
-        inputs["aligned_map"] = f"{R}/bases/{wc.pair}/aligned_map.pt"
-    return inputs
+def ablation_tables() -> list[str]:
+    return [f"{R}/tables/{axis['stem']}.md" for axis in ablation_axes()]
 
 
-def trained_methods() -> list[str]:
-    return [m for m in METHODS if not method_cls(m).reference]
+def run_facts_inputs() -> dict:
+    """Per (pair, task), what the cost table divides by: train split, model manifests and, when a trained method
+    reads it, the teacher cache (whose meta says how many teacher forwards it cost)."""
+    uses_cache = {task: any(method_cls(m).uses_teacher_cache(method_config(m)) for m in trained_methods())
+                  for task in TASKS}
+    return {pair: {task: {"train": split_file(SplitId(task, "train")),
+                          "teacher": model_manifest(p["teacher"]), "student": model_manifest(p["student"]),
+                          "cache": f"{R}/cache/{pair}/{task}/teacher.pt" if uses_cache[task] else None}
+                   for task in TASKS}
+            for pair, p in config["pairs"].items()}
 
 
-def bench_target() -> tuple[str, str]:
-    """The (pair, task) of the transfer-cost benchmark: the first pair, on GSM8K when it is configured."""
-    return next(iter(config["pairs"])), "gsm8k" if "gsm8k" in TASKS else TASKS[0]
-
-
-def cost_inputs(_wc) -> dict:
-    """Every trained method's transfer inputs on the benchmark's (pair, task), keyed ``<method>__<input>``."""
-    pair, task = bench_target()
-    inputs = {"cache": f"{R}/cache/{pair}/{task}/teacher.pt",
-              "cache_benchmark": f"{BENCH}/cache_teacher/{pair}/{task}.tsv"}
-    for m in trained_methods():
-        wc = SimpleNamespace(pair=pair, task=task, method=m)
-        inputs.update({f"{m}__{k}": v for k, v in transfer_inputs(wc).items()})
-    return inputs
-
-
-def transfer_records() -> list[str]:
-    return [
-        f"{R}/transfer/{pair}/{task}/{method}/seed{seed}/transfer.json"
-        for pair in config["pairs"]
-        for task in TASKS
-        for method in trained_methods()
-        for seed in SEEDS
-    ]
-
-
-def cost_inputs_all() -> dict:
-    """What the cost table divides by: each (pair, task)'s train split, model manifests and teacher cache."""
-    uses_cache = any(method_cls(m).uses_teacher_cache for m in trained_methods())
-    inputs = {}
-    for pair, p in config["pairs"].items():
-        for task in TASKS:
-            inputs[f"{pair}__{task}__splits"] = f"{R}/splits/{task}/manifest.json"
-            inputs[f"{pair}__{task}__teacher"] = model_manifest(p["teacher"])
-            inputs[f"{pair}__{task}__student"] = model_manifest(p["student"])
-            if uses_cache:
-                inputs[f"{pair}__{task}__cache"] = f"{R}/cache/{pair}/{task}/teacher.pt"
-    return inputs
+def run_facts_files() -> list[str]:
+    return sorted({f for tasks in run_facts_inputs().values() for facts in tasks.values() for f in facts.values() if f}
+                  | {splits_manifest(t) for t in TASKS})
 
 
 def method_configs() -> dict:
     return {m: asdict(method_config(m)) for m in trained_methods() if method_cls(m).config_cls}
-
-
-def eval_records() -> list[str]:
-    return [
-        f"{R}/eval/{pair}/{task}/{method}/seed{seed}.json"
-        for pair in config["pairs"]
-        for task in TASKS
-        for method in METHODS
-        for seed in seeds_for(method)
-    ] + ablation_records()
-
-
-def ablation_rows() -> dict[str, list[list[str]]]:
-    """Per ablation table ``<method>__<key>``: its rows as [label, method or variant name], reference first."""
-    rows = {}
-    for method, axes in config["ablations"]["methods"].items():
-        base = asdict(method_config(method))
-        for key, values in axes.items():
-            rows[f"{method}__{key}"] = [[f"{base[key]} (as configured)", method]] + [
-                [str(v), f"{method}@{key}={v}"] for v in values if v != base[key]
-            ]
-    return rows
-
-
-def ablation_tables() -> list[str]:
-    return [f"{R}/tables/ablation_{name}.md" for name in ablation_rows()]
-
-
-def ablation_records() -> list[str]:
-    tasks = config["ablations"].get("tasks", TASKS)
-    return [
-        f"{R}/eval/{pair}/{task}/{variant}/seed{seed}.json"
-        for pair in config["pairs"]
-        for task in tasks
-        for variant in ABLATIONS
-        for seed in ABLATION_SEEDS
-    ]
 
 
 def finetuned_tables() -> list[str]:
@@ -276,11 +291,6 @@ def pair_sources() -> dict[str, list[str]]:
     """pair -> [teacher, student] hub ids ("" for a random model): what the paper's numbers are matched on."""
     return {pair: [config["models"][p[role]].get("source", "") for role in ("teacher", "student")]
             for pair, p in config["pairs"].items()}
-
-
-def manifests() -> dict[str, str]:
-    names = {n for p in config["pairs"].values() for n in (p["teacher"], p["student"])}
-    return {n: model_manifest(n) for n in sorted(names)}
 
 
 def cka_tasks() -> list[str]:
@@ -295,16 +305,18 @@ def cka_figures() -> list[str]:
     return [f"{R}/figures/cka_{pair}_{task}.png" for pair in config["pairs"] for task in cka_tasks()]
 
 
+def uses_pairings() -> bool:
+    return any(a.key == "pairing" for m in METHODS for a in needs(m))
+
+
 def analysis_outputs() -> list[str]:
-    """Fig. 2 per model and the attribution profile per teacher x task, when SemAlign is configured; the CKA
-    figures when their method is."""
+    """Fig. 2 per model and the attribution profile per teacher x task, when a method pairs layers; the CKA
+    figures when their method is configured."""
     outputs = cka_figures()
-    if any(pairing_file(m, p, t) for m in METHODS for p in config["pairs"] for t in TASKS):
+    if uses_pairings():
         outputs += [f"{R}/bases/{m}/decomposition.png" for m in manifests()] + [
             f"{R}/attribution/{pair}/{task}/{a}.png"
-            for pair in config["pairs"]
-            for task in TASKS
-            for a in config["analysis"]["attribution_methods"]
+            for pair in config["pairs"] for task in TASKS for a in config["analysis"]["attribution_methods"]
         ]
     return outputs
 
@@ -326,5 +338,13 @@ def final_outputs() -> list[str]:
     ]
 
 
-check_config()
-ABLATIONS = ablation_variants()
+# ------------------------------------------------------------------------------------------------- benchmarks
+def bench_target() -> tuple[str, str]:
+    """The (pair, task) of the transfer-cost benchmark: the first pair, on GSM8K when it is configured."""
+    return next(iter(config["pairs"])), "gsm8k" if "gsm8k" in TASKS else TASKS[0]
+
+
+def bench_inputs() -> dict[str, dict[str, str]]:
+    """method -> its transfer inputs on the benchmark's (pair, task)."""
+    pair, task = bench_target()
+    return {m: transfer_inputs(SimpleNamespace(pair=pair, task=task, method=m)) for m in trained_methods()}

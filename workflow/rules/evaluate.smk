@@ -4,9 +4,9 @@
 rule evaluate:
     input:
         model=evaluated_model,
-        splits=f"{R}/splits/{{task}}/manifest.json",
+        splits=splits_manifest("{task}"),
     output:
-        f"{R}/eval/{{pair}}/{{task}}/{{method}}/seed{{seed}}.json",
+        eval_record("{pair}", "{task}", "{method}", "{seed}"),
     params:
         evaluation=config["evaluation"],
         device=config["device"],

@@ -23,13 +23,15 @@ rule prepare_model:
 
 rule bootstrap_student:
     input:
-        f"{R}/models/{{model}}/prepared/manifest.json",
+        model=f"{R}/models/{{model}}/prepared/manifest.json",
+        corpus=[str(f) for f in source_files("gsm8k", DATA_DIR)],  # GSM8K train text, its test questions banned
     output:
         f"{R}/models/{{model}}/bootstrapped/manifest.json",
     params:
         bootstrap=lambda wc: config["models"][wc.model]["bootstrap"],
         seed=SEEDS[0],
         device=config["device"],
+        data_dir=str(DATA_DIR) if DATA_DIR else None,
     log:
         f"{LOGS}/bootstrap_student/{{model}}.log",
     benchmark:

@@ -3,7 +3,7 @@
 
 rule aggregate:
     input:
-        unpack(lambda wc: cost_inputs_all()),
+        facts=run_facts_files(),
         records=eval_records(),
         manifests=list(manifests().values()),
         transfers=transfer_records(),
@@ -14,7 +14,7 @@ rule aggregate:
         cost=report(f"{R}/tables/cost.md", caption="../report/cost_table.rst", category="Tables"),
         hparams=report(f"{R}/tables/hparams.md", caption="../report/hparams_table.rst", category="Tables"),
         summary=f"{R}/tables/summary.csv",
-        ablation_summary=[f"{R}/tables/ablation_summary.csv"] if ablation_rows() else [],
+        ablation_summary=[f"{R}/tables/ablation_summary.csv"] if ablation_axes() else [],
         ablations=[
             report(path, caption="../report/ablation.rst", category="Ablations") for path in ablation_tables()
         ],
@@ -22,8 +22,9 @@ rule aggregate:
             report(path, caption="../report/finetuned_teachers.rst", category="Tables") for path in finetuned_tables()
         ],
     params:
-        ablation_rows=ablation_rows(),
-        ablation_tasks=config["ablations"].get("tasks", TASKS),
+        run_facts=run_facts_inputs(),
+        ablation_axes=ablation_axes(),
+        ablation_tasks=ABLATION_TASKS,
         ablation_seeds=ABLATION_SEEDS,
         reference_methods=[m for m in METHODS if method_cls(m).reference],
         methods=METHODS,
@@ -45,21 +46,21 @@ rule aggregate:
 rule figures:
     input:
         summary=f"{R}/tables/summary.csv",
-        ablation_summary=[f"{R}/tables/ablation_summary.csv"] if ablation_rows() else [],
+        ablation_summary=[f"{R}/tables/ablation_summary.csv"] if ablation_axes() else [],
         cost=f"{R}/tables/cost.md",
     output:
         main=report(f"{R}/figures/main.png", caption="../report/main_figure.rst", category="Figures"),
         cost_gain=report(f"{R}/figures/cost_gain.png", caption="../report/cost_gain.rst", category="Figures"),
         ablations=[
-            report(f"{R}/figures/ablation_{name}.png", caption="../report/ablation.rst", category="Ablations")
-            for name in ablation_rows()
+            report(f"{R}/figures/{axis['stem']}.png", caption="../report/ablation.rst", category="Ablations")
+            for axis in ablation_axes()
         ],
-        pdf=[f"{R}/figures/{name}.pdf" for name in ["main", "cost_gain", *(f"ablation_{a}" for a in ablation_rows())]],
+        pdf=[f"{R}/figures/{name}.pdf" for name in ["main", "cost_gain", *(a["stem"] for a in ablation_axes())]],
     params:
         methods=METHODS,
         tasks=TASKS,
-        ablation_rows=ablation_rows(),
-        ablation_tasks=config["ablations"].get("tasks", TASKS),
+        ablation_axes=ablation_axes(),
+        ablation_tasks=ABLATION_TASKS,
     log:
         f"{LOGS}/figures.log",
     conda:
@@ -70,7 +71,7 @@ rule figures:
 
 rule loss_curves:
     input:
-        unpack(lambda wc: {m: f"{R}/transfer/{wc.pair}/{wc.task}/{m}/seed{SEEDS[0]}/transfer.json" for m in trained_methods()}),
+        unpack(lambda wc: {m: transfer_record(wc.pair, wc.task, m, SEEDS[0]) for m in trained_methods()}),
     output:
         png=report(f"{R}/figures/loss_curves/{{pair}}/{{task}}.png", caption="../report/loss_curves.rst", category="Training"),
         pdf=f"{R}/figures/loss_curves/{{pair}}/{{task}}.pdf",

@@ -29,7 +29,7 @@ rule aligned_map:
         teacher=pair_model("teacher"),
         student=pair_model("student"),
     output:
-        f"{R}/bases/{{pair}}/aligned_map.pt",
+        AlignedMap.pattern(R),
     log:
         f"{LOGS}/aligned_map/{{pair}}.log",
     benchmark:
@@ -56,6 +56,8 @@ rule attribution:
         batch_size=config["cache"]["batch_size"],
         seed=config["data"]["seed"],
         device=config["device"],
+    wildcard_constraints:
+        attribution=_alternatives(ATTRIBUTION_METHODS),
     log:
         f"{LOGS}/attribution/{{pair}}/{{task}}/{{attribution}}.log",
     benchmark:
@@ -75,11 +77,13 @@ rule pairing:
     input:
         unpack(pairing_inputs),
     output:
-        f"{R}/pairing/{{pair}}/{{task}}/{{pairing}}.json",
+        Pairing.pattern(R),
     params:
         seed=config["data"]["seed"],
+    wildcard_constraints:
+        name=rf"({_alternatives(STRATEGIES)})(-({_alternatives(ATTRIBUTION_METHODS)}))?",
     log:
-        f"{LOGS}/pairing/{{pair}}/{{task}}/{{pairing}}.log",
+        f"{LOGS}/pairing/{{pair}}/{{task}}/{{name}}.log",
     conda:
         "../envs/semalign.yaml"
     script:

@@ -10,6 +10,7 @@ rule cache_teacher:
     output:
         f"{R}/cache/{{pair}}/{{task}}/teacher.pt",
     params:
+        layer_specs=cache_layer_specs,
         max_len=config["data"]["max_len"],
         batch_size=config["cache"]["batch_size"],
         device=config["device"],
@@ -33,9 +34,9 @@ rule transfer:
     input:
         unpack(transfer_inputs),
     output:
-        f"{R}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}/transfer.json",
+        transfer_record("{pair}", "{task}", "{method}", "{seed}"),
     params:
-        method=lambda wc: base_method(wc.method),
+        method=lambda wc: Variant.parse(wc.method).method,
         method_params=lambda wc: method_params(wc.method),
         device=config["device"],
         max_len=config["data"]["max_len"],

@@ -1,16 +1,15 @@
 import json
 from pathlib import Path
 
-from semalign.pipeline import start_job
-from semalign.report import (
+from semalign.suite.paper import load_paper_reported, match_reported
+from semalign.suite.pipeline import start_job
+from semalign.suite.tables import (
     ablation_table,
     cost_table,
     finetuned_teachers_table,
     hparam_table,
-    load_paper_reported,
     load_records,
     main_table,
-    match_reported,
     model_table,
     run_facts,
     summarise,
@@ -31,22 +30,16 @@ if p.finetuned_teachers:
 models = model_table(dict(zip(p.model_names, inp.manifests)))
 write_table(models, Path(out.models).with_suffix(""), f"Models ({p.profile})")
 
-runs = {
-    (pair, task): run_facts(Path(inp[f"{pair}__{task}__splits"]).parent / "train.jsonl", inp[f"{pair}__{task}__teacher"],
-                            inp[f"{pair}__{task}__student"], inp.get(f"{pair}__{task}__cache"))
-    for pair in p.pairs
-    for task in p.tasks
-}
+runs = {(pair, task): run_facts(**facts) for pair, tasks in p.run_facts.items() for task, facts in tasks.items()}
 # transfer/<pair>/<task>/<method>/seed<k>/transfer.json: the record knows its task, the path its pair
 records = [{**json.loads(Path(f).read_text()), "pair": Path(f).parts[-5]} for f in inp.transfers]
 write_table(cost_table(records, runs), Path(out.cost).with_suffix(""), f"Transfer cost ({p.profile})")
 write_table(hparam_table(p.method_configs), Path(out.hparams).with_suffix(""), f"Hyperparameters ({p.profile})")
-if p.ablation_rows:
+if p.ablation_axes:
     # every ablation row (the reference too) at the ablation seeds; reference rows (teacher, student) run once
     at_seeds = summarise(evals[evals.seed.isin(p.ablation_seeds) | evals.method.isin(p.reference_methods)])
     at_seeds.to_csv(out.ablation_summary[0], index=False)
     seeds = f", seeds {', '.join(map(str, p.ablation_seeds))}"
-    for (name, rows), path in zip(p.ablation_rows.items(), out.ablations):
-        method, key = name.split("__")
-        write_table(ablation_table(at_seeds, rows, p.ablation_tasks, key), Path(path).with_suffix(""),
-                    f"Ablation of {method}: {key}{seeds}{scale}")
+    for axis, path in zip(p.ablation_axes, out.ablations):
+        write_table(ablation_table(at_seeds, axis["rows"], p.ablation_tasks, axis["key"]), Path(path).with_suffix(""),
+                    f"Ablation of {axis['method']}: {axis['key']}{seeds}{scale}")

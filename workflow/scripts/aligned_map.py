@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from semalign.bases import build_aligned_map
-from semalign.pipeline import start_job
+from semalign.suite.pipeline import start_job
 
 start_job(snakemake)
 inp = snakemake.input

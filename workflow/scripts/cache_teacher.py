@@ -1,11 +1,11 @@
 import json
 from pathlib import Path
 
-from semalign.cache import build_teacher_cache
-from semalign.data import read_jsonl
-from semalign.models import check_same_vocab
 from semalign.pairing import teacher_layers_needed
-from semalign.pipeline import resolve_device, start_job
+from semalign.suite.cache import build_teacher_cache
+from semalign.suite.io import read_jsonl
+from semalign.suite.models import check_same_vocab
+from semalign.suite.pipeline import resolve_device, start_job
 
 start_job(snakemake)
 teacher, student = (Path(p).parent for p in (snakemake.input.teacher, snakemake.input.student))
@@ -13,7 +13,8 @@ check_same_vocab(teacher, student)  # before any expensive work
 meta = build_teacher_cache(
     teacher,
     read_jsonl(Path(snakemake.input.splits).parent / "train.jsonl"),
-    layers=sorted({k for f in snakemake.input.pairings for k in teacher_layers_needed(json.loads(Path(f).read_text()))}),
+    layers=sorted({k for f, states in snakemake.params.layer_specs
+                   for k in teacher_layers_needed(json.loads(Path(f).read_text()), residual=states == "residual")}),
     max_len=snakemake.params.max_len,
     batch_size=snakemake.params.batch_size,
     out_path=Path(snakemake.output[0]),

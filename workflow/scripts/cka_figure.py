@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from semalign.pipeline import start_job
-from semalign.report import cka_figure
 from semalign.similarity import read_cka
+from semalign.suite.figures import cka_figure
+from semalign.suite.pipeline import start_job
 
 start_job(snakemake)
 wc = snakemake.wildcards

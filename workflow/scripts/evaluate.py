@@ -1,9 +1,9 @@
 import json
 from pathlib import Path
 
-from semalign.data import atomic_write_text
-from semalign.evaluation import evaluate_model
-from semalign.pipeline import evaluated_model_dir, resolve_device, start_job
+from semalign.suite.evaluation import evaluate_model
+from semalign.suite.io import atomic_write_text
+from semalign.suite.pipeline import evaluated_model_dir, resolve_device, start_job
 
 start_job(snakemake)
 wc, ev = snakemake.wildcards, snakemake.params.evaluation

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from semalign.pipeline import start_job
-from semalign.report import loss_curves_figure
+from semalign.suite.figures import loss_curves_figure
+from semalign.suite.pipeline import start_job
 
 start_job(snakemake)
 wc = snakemake.wildcards

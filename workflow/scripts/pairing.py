@@ -3,18 +3,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from semalign.data import atomic_write_text
-from semalign.models import load_manifest
 from semalign.pairing import pair_layers
-from semalign.pipeline import start_job
 from semalign.similarity import read_cka
+from semalign.suite.ids import PairingName
+from semalign.suite.io import atomic_write_text
+from semalign.suite.models import load_manifest
+from semalign.suite.pipeline import start_job
 
 start_job(snakemake)
 inp, wc = snakemake.input, snakemake.wildcards
 L_T, L_S = (load_manifest(Path(f).parent)["num_layers"] for f in (inp.teacher, inp.student))
-strategy = "attributed" if wc.pairing.startswith("attributed-") else wc.pairing
+name = PairingName.parse(wc.name)
 scores = pd.read_csv(inp.scores).sort_values("layer")["score"].tolist() if "scores" in inp.keys() else None
 cka = read_cka(inp.cka)["teacher_student"] if "cka" in inp.keys() else None
-pairing = pair_layers(L_T, L_S, strategy, scores=scores, seed=snakemake.params.seed, cka=cka)
+pairing = pair_layers(L_T, L_S, name.strategy, scores=scores, seed=snakemake.params.seed, cka=cka)
 atomic_write_text(Path(snakemake.output[0]), json.dumps(pairing, indent=2))
 print(pairing)

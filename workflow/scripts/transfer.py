@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from semalign.pipeline import resolve_device, run_transfer, start_job
-from semalign.registry import TransferContext
+from semalign.suite.pipeline import resolve_device, run_transfer, start_job
+from semalign.suite.registry import TransferContext
 
 start_job(snakemake)
 inp, wc = snakemake.input, snakemake.wildcards
@@ -17,7 +17,6 @@ ctx = TransferContext(
     device=resolve_device(snakemake.params.device),
     max_len=snakemake.params.max_len,
     train_on_inputs=snakemake.params.train_on_inputs,
-    teacher_cache=Path(inp.cache) if "cache" in inp.keys() else None,
-    extras={k: Path(v) for k, v in inp.items() if k not in ("teacher", "student", "splits", "cache")},
+    artifacts={k: Path(v) for k, v in inp.items() if k not in ("teacher", "student", "splits")},
 )
 print(run_transfer(snakemake.params.method, ctx, out, label=wc.method))

@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from semalign.data import load_gsm8k_train, load_test_set
-from semalign.models import load_manifest, load_model, save_prepared
+from semalign.suite.models import load_manifest, load_model, save_prepared
+from semalign.suite.sources import load_gsm8k_train, load_test_set
 
-DEFAULT_SOURCES = ["stdlib", "gsm8k_train"]
 CHAT_FRACTION = 0.5  # share of GSM8K items rendered with the chat template (rest as plain "Question/Answer")
 MAX_DOC_CHARS = 16_000  # cap per file so a few huge stdlib modules cannot dominate the budget
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")

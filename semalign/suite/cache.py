@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from semalign.models import decoder_layers, final_norm, lm_head, load_model
-from semalign.training import atomic_torch_save, tokenize_records
+from semalign.suite.chat import tokenize_records
+from semalign.suite.io import atomic_torch_save
+from semalign.suite.models import decoder_layers, final_norm, lm_head, load_model
 
 STORE_DTYPE = torch.float16  # halves disk and RAM; post-norm states and residuals fit fp16's range
 
@@ -60,7 +61,7 @@ class TeacherCache:
         return self.input_ids.shape[0]
 
     def tokens(self) -> dict[str, torch.Tensor]:
-        """The tokenised training rows the teacher saw, in the layout :func:`semalign.training.fit` takes."""
+        """The tokenised training rows the teacher saw, in the layout :func:`semalign.suite.train.fit` takes."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "loss_mask": self.loss_mask}
 
     def answer_logits(self, idx: torch.Tensor, mask: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,15 @@ class TeacherCache:
         ``head_weight`` already on the training device (moved once per run, not per step)."""
         h = self.final_hidden[idx][:, : mask.shape[1]][mask.cpu()]
         return h.to(head.device, torch.float32) @ head.T
+
+    def state(self, terms: list, idx: torch.Tensor, T: int, device: torch.device | str) -> torch.Tensor:
+        """Σ w h_l over ``terms`` [[l, w], ...] (0 = embeddings) for rows ``idx`` and their first T positions, as
+        float32 [b, T, d_T] on ``device``: the teacher quantity a pairing names, summed in fp32."""
+        total = None
+        for l, w in terms:
+            x = w * self.layer(l)[idx, :T].to(device, torch.float32)
+            total = x if total is None else total + x
+        return total
 
     def layer(self, k: int) -> torch.Tensor:
         if k not in self.layers:

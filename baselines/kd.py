@@ -10,16 +10,10 @@ from pathlib import Path
 
 import torch
 
-from semalign.registry import Method, TransferContext, register_method
-from semalign.training import (
-    TrainConfig,
-    answer_ce,
-    answer_logits,
-    fit,
-    output_kl,
-    prepare_trainable,
-    trainable_parameters,
-)
+from semalign.suite.lora import prepare_trainable, trainable_parameters
+from semalign.suite.objectives import answer_ce, answer_logits, output_kl
+from semalign.suite.registry import Artifact, Method, TeacherCache, TransferContext, register_method
+from semalign.suite.train import TrainConfig, fit
 
 
 @dataclass
@@ -30,8 +24,11 @@ class KDConfig(TrainConfig):
 
 @register_method("kd")
 class KnowledgeDistillation(Method):
-    uses_teacher_cache = True
     config_cls = KDConfig
+
+    @classmethod
+    def needs(cls, cfg: KDConfig) -> list[Artifact]:
+        return [TeacherCache()]  # the final state only: logits are recovered from it
 
     def run(self, ctx: TransferContext) -> Path:
         cfg, cache, model, tokenizer = self.begin(ctx)

@@ -1,4 +1,4 @@
-"""The one evaluation entry: our task YAMLs (semalign/tasks) on a make_splits test.jsonl through lm_eval.simple_evaluate.
+"""The one evaluation entry: our task YAMLs (semalign/suite/tasks) on a make_splits test.jsonl through lm_eval.simple_evaluate.
 
 Each call scores the task's main metric and its gold-answer NLL companion in a single simple_evaluate run, so the
 model is loaded once and both numbers come from the same prompts.

@@ -2,7 +2,7 @@
 workflow evaluates the named model directly, exactly like every transferred model."""
 from __future__ import annotations
 
-from semalign.registry import Method, register_method
+from semalign.suite.registry import Method, register_method
 
 
 @register_method("none")

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from semalign.data import atomic_write_text
-from semalign.registry import TransferContext, get_method
+from semalign.suite.io import atomic_write_text
+from semalign.suite.registry import TransferContext, get_method
 
 
 def resolve_device(device: str) -> str:
@@ -73,7 +73,7 @@ def remove_stale_temporaries(out_dir: Path) -> None:
 def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str | None = None) -> dict[str, Any]:
     """Run one method and record what it cost; ``transfer.json`` is written last, so it marks completion.
     ``label``: the row name in tables (an ablation variant ``method@key=value``), default ``method``."""
-    from semalign.models import load_manifest
+    from semalign.suite.models import load_manifest
 
     impl = get_method(method)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str |
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         "params": ctx.params,
         "layer_passes": dict(passes),
-        "uses_teacher_cache": impl.uses_teacher_cache,
+        "uses_teacher_cache": impl.uses_teacher_cache(impl.config(ctx.params)),
         **(json.loads(stats_file.read_text()) if stats_file.exists() else {"trainable_params": 0}),
     }
     atomic_write_text(out_json, json.dumps(record, indent=2))

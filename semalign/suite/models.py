@@ -347,3 +347,12 @@ def embed_tokens(model: torch.nn.Module) -> torch.nn.Embedding:
 
 def lm_head(model: torch.nn.Module) -> torch.nn.Linear:
     return _base(model).get_output_embeddings()
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path, manifest: dict) -> Path:
+    """Save a trained model as a prepared dir (LoRA merged in), atomically, with the parent's manifest updated."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    manifest = {**manifest, "n_params": sum(p.numel() for p in model.parameters()),
+                "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False))}  # Seeking unties
+    return save_prepared(model, tokenizer, manifest, out_dir)

@@ -1,9 +1,15 @@
 """One registry of transfer methods: the single extension point of the suite.
 
-A method is a class with a ``name``, a few capability flags and ``run(ctx) -> Path``. It is registered with
-``@register_method("name")`` in its own module; :data:`METHOD_MODULES` lists the built-in modules and the
-``plugins:`` config key (env ``SEMALIGN_PLUGINS``) adds outside ones, so the workflow, the tests and the scripts
-see the same set (the lm-eval registry pattern: declare, don't edit the core).
+A method is a class with a ``name``, its config dataclass, the artifacts it reads (:meth:`Method.needs`) and
+``run(ctx) -> Path``; it is registered with ``@register_method("name")`` in its own module. The built-in methods
+are SemAlign (:mod:`semalign.method`) and every module of the :mod:`baselines` package (importing the package
+imports them all); the ``plugins:`` config key (env ``SEMALIGN_PLUGINS``) adds modules from outside the
+repository. The workflow, the tests and the scripts all see the same set (the lm-eval registry pattern: declare,
+don't edit the core).
+
+An :class:`Artifact` is a file a transfer reads beyond the shared inputs (the two models and the task's splits),
+made by its own rule: the method declares it, the workflow asks :meth:`Artifact.path` where it lives and hands the
+path to the method as ``ctx.artifacts[artifact.key]``.
 """
 from __future__ import annotations
 
@@ -16,34 +22,63 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-# Modules that register methods when imported. Adding a method = one module + one line here.
-METHOD_MODULES: tuple[str, ...] = (
-    "semalign.methods.reference",
-    "semalign.methods.kd",
-    "semalign.methods.semalign",
-    "baselines.lora_sft",
-    "baselines.layerwise_kd",
-    "baselines.seeking",
-    "baselines.laten",
-)
+from semalign.suite.ids import PairingName
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A rule-made input of a transfer. Subclasses set ``key`` (the name under which the method finds its path in
+    ``ctx.artifacts``) and ``PATTERN`` (the rule's output path below the profile's results dir, with the
+    ``{pair}``/``{task}`` wildcards and any of the subclass's own fields)."""
+
+    key: ClassVar[str] = ""
+    PATTERN: ClassVar[str] = ""
+
+    @classmethod
+    def pattern(cls, root: str) -> str:
+        """The producing rule's output, wildcards left open (``root`` = ``results/<profile>``)."""
+        return f"{root}/{cls.PATTERN}"
+
+    def fields(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def path(self, root: str, pair: str, task: str) -> str:
+        return self.pattern(root).format(pair=pair, task=task, **self.fields())
+
+
+@dataclass(frozen=True)
+class TeacherCache(Artifact):
+    """The teacher's activations on the train split (:mod:`semalign.suite.cache`), one file per (pair, task) shared
+    by every method that reads it. ``pairing`` names the pairing whose teacher layers this reader needs (None: the
+    final state only, e.g. KD), ``states`` which of them (:func:`semalign.pairing.teacher_layers_needed`)."""
+
+    key: ClassVar[str] = "cache"
+    PATTERN: ClassVar[str] = "cache/{pair}/{task}/teacher.pt"
+    pairing: PairingName | None = None
+    states: str = "end"
 
 
 @dataclass
 class TransferContext:
     """Everything a method may read or write for one (pair, task, seed) transfer."""
 
-    teacher: Path  # prepared teacher model dir (HF format, see semalign.models.prepare_model)
+    teacher: Path  # prepared teacher model dir (HF format, see semalign.suite.models.prepare_model)
     student: Path  # prepared student model dir
-    splits: Path  # dir with extract/align/train/test .jsonl for the task (semalign.data.make_splits)
+    splits: Path  # dir with extract/align/train/test .jsonl for the task (semalign.suite.splits.make_splits)
     task: str
     out_dir: Path  # the method writes its model to out_dir / "model" and checkpoints under out_dir / "ckpt"
     params: dict[str, Any] = field(default_factory=dict)  # the method's resolved config section
     seed: int = 0
     device: str = "cpu"
-    teacher_cache: Path | None = None  # cache_teacher output, for methods with uses_teacher_cache
     max_len: int = 512  # token cutoff and loss masking of the split records (config data.max_len/train_on_inputs),
     train_on_inputs: bool = False  # the same as the teacher cache's, so every method trains on identical tokens
-    extras: dict[str, Path] = field(default_factory=dict)  # further rule inputs (e.g. "pairing": path)
+    artifacts: dict[str, Path] = field(default_factory=dict)  # Artifact.key -> path, as declared by Method.needs
+
+    def artifact(self, key: str, method: str) -> Path:
+        if key not in self.artifacts:
+            raise ValueError(f"method {method!r} needs its {key!r} artifact, which the context lacks "
+                             f"(given: {sorted(self.artifacts) or 'none'}); the workflow passes what Method.needs declares")
+        return Path(self.artifacts[key])
 
 
 class Method:
@@ -54,7 +89,6 @@ class Method:
     """
 
     name: ClassVar[str] = ""
-    uses_teacher_cache: ClassVar[bool] = False  # the DAG adds cache_teacher as input
     # "teacher" | "student" for reference rows: the DAG evaluates that model directly, once, with no transfer job
     reference: ClassVar[str | None] = None
     # dataclass of the method's hyperparameters (defaults in one visible place); validated at DAG start
@@ -73,28 +107,35 @@ class Method:
             raise ValueError(f"method_params.{cls.name}: unknown parameter(s) {unknown}; known: {sorted(known)}")
         return cls.config_cls(**params)
 
+    @classmethod
+    def needs(cls, cfg: Any) -> list[Artifact]:
+        """The artifacts a run with config ``cfg`` reads; the workflow adds their rules' outputs as inputs."""
+        return []
+
+    @classmethod
+    def uses_teacher_cache(cls, cfg: Any) -> bool:
+        return any(isinstance(a, TeacherCache) for a in cls.needs(cfg))
+
     def run(self, ctx: TransferContext) -> Path:  # pragma: no cover - interface
         raise NotImplementedError(f"method {self.name!r} has no run(): reference rows are evaluated directly")
 
     def begin(self, ctx: TransferContext) -> tuple[Any, Any, Any, Any]:
         """The common start of a training method: (config, teacher cache or None, student, tokenizer), after
         seeding and checking that teacher and student share a vocabulary token for token."""
-        from semalign.cache import TeacherCache
-        from semalign.models import check_same_vocab, load_model
-        from semalign.training import set_seed
+        from semalign.suite.cache import TeacherCache as Cache
+        from semalign.suite.models import check_same_vocab, load_model
+        from semalign.suite.train import set_seed
 
         cfg = self.config(ctx.params)
         set_seed(ctx.seed)
         check_same_vocab(ctx.teacher, ctx.student)
-        if self.uses_teacher_cache and ctx.teacher_cache is None:
-            raise ValueError(f"method {self.name!r} needs the teacher cache (uses_teacher_cache)")
-        cache = TeacherCache.load(ctx.teacher_cache) if self.uses_teacher_cache else None
+        cache = Cache.load(ctx.artifact("cache", self.name)) if self.uses_teacher_cache(cfg) else None
         model, tokenizer = load_model(ctx.student, device=ctx.device, trainable=True)
         return cfg, cache, model, tokenizer
 
     def records(self, ctx: TransferContext, name: str) -> list[dict]:
         """The raw records of split ``name`` (extract/align/train); a missing or empty file names itself."""
-        from semalign.data import read_jsonl
+        from semalign.suite.io import read_jsonl
 
         path = ctx.splits / f"{name}.jsonl"
         if not path.exists():
@@ -106,16 +147,15 @@ class Method:
 
     def split(self, ctx: TransferContext, tokenizer: Any, name: str) -> dict[str, Any]:
         """Split ``name`` tokenised exactly as the teacher cache tokenises train."""
-        from semalign.training import tokenize_records
+        from semalign.suite.chat import tokenize_records
 
         return tokenize_records(tokenizer, self.records(ctx, name), ctx.max_len, ctx.train_on_inputs)
 
     def save(self, ctx: TransferContext, model: Any, tokenizer: Any, stats: dict[str, Any]) -> Path:
         """The common end of a training method: its stats for the cost table, the model as a prepared dir
         (LoRA merged) whose manifest says where it came from."""
-        from semalign.data import atomic_write_text
-        from semalign.models import load_manifest
-        from semalign.training import save_model
+        from semalign.suite.io import atomic_write_text
+        from semalign.suite.models import load_manifest, save_model
 
         atomic_write_text(ctx.out_dir / "train_stats.json", json.dumps(stats, indent=2))
         manifest = {**load_manifest(ctx.student), "derived_from": str(ctx.student), "method": self.name}
@@ -130,7 +170,7 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
     def wrap(cls: type[Method]) -> type[Method]:
         if not issubclass(cls, Method):
-            raise TypeError(f"{cls.__name__} must subclass semalign.registry.Method")
+            raise TypeError(f"{cls.__name__} must subclass semalign.suite.registry.Method")
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
         cls.name = name
@@ -144,12 +184,14 @@ PLUGINS_ENV = "SEMALIGN_PLUGINS"  # comma-separated extra modules; the workflow 
 
 
 def _load_all() -> None:
-    plugins = [m for m in os.environ.get(PLUGINS_ENV, "").split(",") if m]
-    for module in (*METHOD_MODULES, *plugins):
+    import baselines  # noqa: F401  every compared method registers on import
+    import semalign.method  # noqa: F401
+
+    for module in (m for m in os.environ.get(PLUGINS_ENV, "").split(",") if m):
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise ImportError(f"cannot import method module {module!r} ({e}); is it on PYTHONPATH?") from e
+            raise ImportError(f"cannot import method plugin {module!r} ({e}); is it on PYTHONPATH?") from e
 
 
 def available_methods() -> list[str]:
@@ -157,9 +199,13 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def get_method(name: str) -> Method:
-    """Instantiate the method registered as ``name``; unknown names list the known ones."""
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; unknown names list the known ones."""
     _load_all()
     if name not in _METHODS:
         raise KeyError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]()
+    return _METHODS[name]
+
+
+def get_method(name: str) -> Method:
+    return method_class(name)()

@@ -1,8 +1,5 @@
-"""Training utilities shared by every method: tokenisation of chat records, batching, LoRA, KL, atomic saves.
-
-One place for each of these so that KD, SemAlign and the baselines train on byte-identical inputs and differ
-only in their objective.
-"""
+"""The one training loop of the suite (:func:`fit`) and what makes runs reproducible and resumable: seeds, batch
+order as a function of (seed, epoch), per-epoch atomic checkpoints keyed by what shaped the run."""
 from __future__ import annotations
 
 import hashlib
@@ -15,13 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from semalign.data import atomic_path, write_csv
-
-# Open-Instruct / Tulu format: what the PKT protocol data was written for; used when a tokenizer has no template.
-TULU_USER, TULU_ASSISTANT = "<|user|>\n", "<|assistant|>\n"
+from semalign.suite.io import atomic_torch_save, write_csv
 
 
 def set_seed(seed: int) -> None:
@@ -30,56 +23,6 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
-
-def render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, str]:
-    """(prompt, full) texts; the answer is ``full[len(prompt):]``, so loss masks cover exactly the answer."""
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if full.startswith(prompt):
-            return prompt, full
-    prompt = "".join(
-        (TULU_USER if m["role"] == "user" else TULU_ASSISTANT) + m["content"] + "\n\n" for m in messages[:-1]
-    ) + TULU_ASSISTANT
-    return prompt, prompt + messages[-1]["content"] + (tokenizer.eos_token or "")
-
-
-def tokenize_records(
-    tokenizer: Any, records: list[dict], max_len: int, train_on_inputs: bool = False
-) -> dict[str, torch.Tensor]:
-    """Chat records ``{"messages": [..., {"role": "assistant", ...}]}`` -> right-padded tensors [N, T].
-
-    ``loss_mask`` marks the assistant answer (or every real token with ``train_on_inputs``, which the MMLU
-    protocol needs because its answer is one letter). Sequences are truncated to ``max_len`` from the right.
-    """
-    if not records:
-        raise ValueError("tokenize_records: no records (empty split?)")
-    rows, masks = [], []
-    for i, rec in enumerate(records):
-        messages = rec.get("messages")
-        if not messages or messages[-1].get("role") != "assistant":
-            raise ValueError(f"record {i} (id={rec.get('id')}) has no final assistant message")
-        prompt, full = render_chat(tokenizer, messages)
-        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
-        mask = [1 if (train_on_inputs or j >= n_prompt) else 0 for j in range(len(ids))]
-        rows.append(ids)
-        masks.append(mask)
-    T = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), T), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (ids, m) in enumerate(zip(rows, masks)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        loss_mask[i, : len(m)] = torch.tensor(m)
-    # The last token has no successor to predict: it never carries loss.
-    loss_mask[:, -1] = 0
-    if loss_mask.sum() == 0:
-        raise ValueError(f"no answer tokens survive truncation to max_len={max_len}; raise data.max_len")
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -95,101 +38,11 @@ def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, :T] for k, v in batch.items()}
 
 
-def shift_mask(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mask over *predicting positions*: position t predicts token t+1, which is scored iff loss_mask[t+1]."""
-    out = torch.zeros_like(loss_mask)
-    out[:, :-1] = loss_mask[:, 1:]
-    return out
-
-
-def output_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Token-mean KL(p_teacher || p_student) over ``mask`` positions, scaled by T^2 (Hinton et al.)."""
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp_min(1.0) * t * t
-
-
-def answer_logits(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [n, V], labels [n], mask [b, T]) at the n scored positions only (position t predicts token t+1).
-
-    The LM head over a 49k-152k vocabulary, and every loss after it, are the bulk of a small student's step, and
-    prompt positions carry no loss: reading out only where the loss looks gives the same loss for a fraction of
-    the work (SemAlign's frontier does the same).
-    """
-    from semalign.models import backbone, lm_head
-
-    mask = shift_mask(b["loss_mask"]).bool()
-    hidden = backbone(model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-    labels = F.pad(b["input_ids"][:, 1:], (0, 1))[mask]
-    return lm_head(model)(hidden[mask]), labels, mask
-
-
-def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens; 0 (not NaN) when a batch's answers were all truncated away,
-    which then simply contributes nothing (as ``output_kl`` does)."""
-    return F.cross_entropy(logits.float(), labels, reduction="sum") / max(1, len(labels))
-
-
-def sft_loss(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The SFT objective on a batch: :func:`answer_ce` of :func:`answer_logits`."""
-    logits, labels, _ = answer_logits(model, b)
-    return answer_ce(logits, labels)
-
-
-def apply_lora(
-    model: torch.nn.Module,
-    r: int,
-    alpha: int,
-    dropout: float,
-    target_modules: list[str],
-    layers: list[int] | None = None,
-) -> torch.nn.Module:
-    """Wrap ``model`` with peft LoRA adapters, optionally only on the given 1-based decoder layers."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
-        layers_to_transform=[k - 1 for k in layers] if layers is not None else None,
-        layers_pattern="layers" if layers is not None else None,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, cfg)
-
-
-def trainable_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path, manifest: dict) -> Path:
-    """Save a trained model as a prepared dir (LoRA merged in), atomically, with the parent's manifest updated."""
-    from semalign.models import save_prepared
-
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    manifest = {**manifest, "n_params": sum(p.numel() for p in model.parameters()),
-                "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False))}  # Seeking unties
-    return save_prepared(model, tokenizer, manifest, out_dir)
-
-
 def checkpoint_dir(out_dir: Path, fingerprint: dict[str, Any]) -> Path:
     """Checkpoints live under a hash of everything that shapes the run (config, seed, pairing), so a re-run with
     the same settings resumes, and a re-run with changed settings starts fresh instead of resuming stale state."""
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(out_dir) / "ckpt" / digest
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
@@ -235,15 +88,6 @@ class TrainConfig:
         if self.schedule == "constant":
             cfg.pop("epochs")
         return cfg
-
-
-def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """LoRA adapters on ``cfg.lora_targets``, or every weight trainable."""
-    if cfg.trainable == "lora":
-        return apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

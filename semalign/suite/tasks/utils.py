@@ -1,7 +1,7 @@
 """Scoring helpers for the semalign_* lm-eval tasks (loaded by lm-eval from the YAMLs via `!function utils.<fn>`).
 
 Code is executed here, one subprocess per program, instead of through HF `evaluate`'s code_eval: that metric is
-fetched from the hub and needs HF_ALLOW_CODE_EVAL, which breaks offline runs (baselines-digest §5).
+fetched from the hub and needs HF_ALLOW_CODE_EVAL, which breaks offline runs.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 
-from semalign.data import gsm8k_solution
+from semalign.suite.sources import gsm8k_solution
 
 EXEC_TIMEOUT_S = 5.0
 EXEC_MEMORY_BYTES = 2 * 1024**3  # a runaway allocation fails in the child instead of swapping the host
