@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from semalign.attribution import DEFAULT_METHOD as DEFAULT_ATTRIBUTION
 from semalign.method import Pairing
 from semalign.suite.cache import layer_outputs
 from semalign.suite.lora import prepare_trainable, trainable_parameters
@@ -26,7 +27,7 @@ from semalign.suite.train import TrainConfig, fit
 @dataclass
 class LayerwiseKDConfig(TrainConfig):
     pairing: str = "depth_ratio"  # semalign.pairing strategy; the workflow builds the pairing file it names
-    attribution: str = "grad_x_act"  # only read by the "attributed" pairing
+    attribution: str = DEFAULT_ATTRIBUTION  # only read by the attributed pairings
     lambda_layer: float = 1.0
     lambda_kl: float = 1.0
     temperature: float = 1.0

@@ -4,11 +4,19 @@ control for the attribution ablation. Scores are indexed by layer: entry 0 = lay
 Objective (all methods): the log-probability of the gold answer tokens, J = Σ_{t: answer} log p(x_{t+1} | x_<=t),
 per example (the "supervised objective" of §4.1, as a score rather than a loss so higher = more relevant).
 
-``grad_x_act`` (the paper's method; Captum ``LayerGradientXActivation`` on every decoder layer at once, one
-forward + one backward per batch): attr_{t,c} = h_{t,c} dJ/dh_{t,c} on the residual stream after the layer.
-Aggregation (the paper does not say): signed sum over channels per token, s_t = <h_t, dJ/dh_t> (the first-order
-effect on J of scaling that token's state, where channel signs cancel meaningfully), then the mean of |s_t| over
-real tokens of all examples (token-level signs would cancel between tokens that help and hurt).
+Layer Gradient x Activation, two readings of "the layer's activations" (one forward + one backward per batch,
+products and sums in fp32 whatever the model dtype; aggregation, which the paper does not give: the signed sum
+over channels per token s_t = <a_t, dJ/dh_{l,t}>, the first-order effect on J of scaling a_t, where channel signs
+cancel meaningfully, then the mean of |s_t| over real tokens of all examples, since token-level signs would cancel
+between tokens that help and hurt):
+
+- ``grad_x_act`` (default, the one SemAlign's pairing reads): a = Δ_l = h_l − h_{l−1}, the block's contribution
+  to the residual stream. Since h_l = h_{l−1} + Δ_l, dJ/dΔ_l = dJ/dh_l, so s_t is the first-order effect of
+  scaling block l's own output: every block, the last included, is scored by what it adds.
+- ``grad_x_act_state`` (the literal reading, an ablation row): a = h_l, the residual stream after the layer
+  (what Captum's ``LayerGradientXActivation`` on the decoder layer computes). It cannot score the last layer: J
+  reads h_L only through the final RMSNorm, which is scale-invariant per token, so <h_L, dJ/dh_L> = 0 up to the
+  norm's epsilon (about 5e-8 on SmolLM2), whatever the last block does.
 
 ``logit_lens`` (LaTen, Yu & Ananiadou 2024): read each layer's residual stream through the final norm + LM head;
 score_k = mean over answer tokens of [log p_k(gold) - log p_{k-1}(gold)], with layer 0 = embeddings: how much
@@ -29,7 +37,10 @@ from semalign.suite.figures import write_layer_profile
 from semalign.suite.models import decoder_layers, final_norm, lm_head
 from semalign.suite.objectives import shift_mask
 
-METHODS = ("grad_x_act", "logit_lens", "random")
+# Every attribution name, spelled here only; other modules import these.
+CONTRIBUTION, STATE, LOGIT_LENS, RANDOM = "grad_x_act", "grad_x_act_state", "logit_lens", "random"
+METHODS = (CONTRIBUTION, STATE, LOGIT_LENS, RANDOM)
+DEFAULT_METHOD = CONTRIBUTION  # what SemAlign's attributed pairings read
 
 
 def gold_logprob(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -48,24 +59,49 @@ def _as_batch(tokenizer_or_batch: Any, records: list[dict] | None, max_len: int)
     return tokenize_records(tokenizer_or_batch, records, max_len)
 
 
-def _grad_x_act(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size: int) -> list[float]:
-    from captum.attr import LayerGradientXActivation
+def _grad_x_act(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size: int, contribution: bool
+) -> list[float]:
+    """Mean |<a_t, dJ/dh_{l,t}>| per layer, a = Δ_l (``contribution``) or h_l (see the module doc).
 
+    Hooks rather than Captum: Captum's ``LayerGradientXActivation`` multiplies a module's output by the gradient
+    with respect to that output, in the model's dtype. Δ_l is no module's output (the residual adds are inline in
+    the HF decoder layer), so Captum could reach it only by rewiring the forward around a probe module, which
+    rounds h_{l-1} + (h_l - h_{l-1}) in low precision; the hooks read h_{l-1} (the layer's input) and h_l (its
+    output, whose gradient is dJ/dΔ_l) from the unmodified forward and form both readings in fp32.
+    tests/test_attribution.py checks the state reading against Captum itself."""
     layers = list(decoder_layers(model))
-
-    def objective(input_ids, attention_mask, loss_mask):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return gold_logprob(logits, input_ids, loss_mask).sum(-1)
-
-    lgxa = LayerGradientXActivation(objective, layers)
     total = torch.zeros(len(layers), dtype=torch.float64)
     n_tokens = 0
     for i in tqdm(range(0, batch["input_ids"].shape[0], batch_size), desc="grad x act", leave=False):
         ids, attn, lm = (batch[k][i : i + batch_size] for k in ("input_ids", "attention_mask", "loss_mask"))
-        attrs = lgxa.attribute(ids, additional_forward_args=(attn, lm))
+        inputs: list[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []
+
+        def keep(_module, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = out[0] if isinstance(out, tuple) else out
+            if not h_out.requires_grad:  # frozen weights: make the stream itself the leaf the gradient reaches
+                h_out.requires_grad_()
+            h_out.retain_grad()
+            inputs.append(h_in.detach())
+            outputs.append(h_out)
+
+        handles = [layer.register_forward_hook(keep, with_kwargs=True) for layer in layers]
+        try:
+            with torch.enable_grad():
+                logits = model(input_ids=ids, attention_mask=attn).logits
+                gold_logprob(logits, ids, lm).sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+            model.zero_grad(set_to_none=True)
         real = attn.bool()
-        for k, a in enumerate(attrs):
-            total[k] += a.sum(-1)[real].abs().double().sum()
+        for k, (h_in, h_out) in enumerate(zip(inputs, outputs)):
+            act = h_out.detach().float()
+            if contribution:
+                act = act - h_in.float()
+            total[k] += (act * h_out.grad.float()).sum(-1)[real].abs().double().sum()
         n_tokens += int(real.sum())
     return (total / max(n_tokens, 1)).tolist()
 
@@ -96,7 +132,7 @@ def layer_scores(
     model: torch.nn.Module,
     tokenizer_or_batch: Any,
     records: list[dict] | None = None,
-    method: str = "grad_x_act",
+    method: str = DEFAULT_METHOD,
     max_len: int = 512,
     batch_size: int = 4,
     seed: int = 0,
@@ -104,7 +140,7 @@ def layer_scores(
     """One relevance score per decoder layer (index 0 = layer 1). Input: a tokenizer + chat records (tokenised
     with the shared ``tokenize_records``) or a ready batch {"input_ids", "attention_mask", "loss_mask"}."""
     L = len(decoder_layers(model))
-    if method == "random":
+    if method == RANDOM:
         return torch.rand(L, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {METHODS}")
@@ -114,7 +150,10 @@ def layer_scores(
     was_training = model.training
     model.eval()
     try:
-        scores = (_grad_x_act if method == "grad_x_act" else _logit_lens)(model, batch, batch_size)
+        if method == LOGIT_LENS:
+            scores = _logit_lens(model, batch, batch_size)
+        else:
+            scores = _grad_x_act(model, batch, batch_size, contribution=method == CONTRIBUTION)
     finally:
         model.train(was_training)
     if not all(torch.isfinite(torch.tensor(scores))):

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask
 
+from semalign.attribution import DEFAULT_METHOD as DEFAULT_ATTRIBUTION
 from semalign.attribution import METHODS as ATTRIBUTION_METHODS
 from semalign.bases import align
 from semalign.losses import LOSSES, Objective, get_loss
@@ -46,7 +47,7 @@ class SemAlignConfig:
 
     loss: str = "v2"  # v1 | v2 | acl | hidden_mse | kl_only  (v2 = the v2 abstract's objective)
     pairing: str = "attributed"  # semalign.pairing strategy; the workflow builds the pairing file it names
-    attribution: str = "grad_x_act"  # layer attribution feeding the attributed pairing (paper: Layer Grad x Act)
+    attribution: str = DEFAULT_ATTRIBUTION  # feeds the attributed pairings (paper: Layer Grad x Act, see attribution)
     interface: str | None = None  # "residual" (h_k - h_{k-1}) | "output" (h_k); None = the loss's default
     recompose: str = "semantic"  # "semantic" = fixed VDS map M | "projector" = learned linear map (ablation)
     trainable: str = "lora"  # "lora" (paper: r=16 on up/down/v/o) | "full" (all of layer k)

@@ -1,10 +1,23 @@
-"""Layer attribution: shapes, finiteness, seeded random, captum grad x act == a manual hook computation,
-logit lens == a manual read-out."""
+"""Layer attribution: the state reading == Captum, the contribution reading == the derivative of scaling each
+block (autograd on a scale, an independent definition), the last-layer identity, a planted dominant block, logit
+lens == a manual read-out."""
+import copy
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from semalign.attribution import attribution_report, gold_logprob, layer_scores, write_layer_scores
+from semalign.attribution import (
+    DEFAULT_METHOD,
+    METHODS,
+    attribution_report,
+    gold_logprob,
+    layer_scores,
+    write_layer_scores,
+)
+from semalign.suite.chat import tokenize_records
 
 V, L = 97, 3
 
@@ -26,30 +39,91 @@ def batch():
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
-def manual_grad_x_act(model, batch) -> list[float]:
-    outs = []
+def captum_state_scores(model, batch) -> list[float]:
+    """The literal reading straight from Captum's LayerGradientXActivation on every decoder layer (the oracle)."""
+    from captum.attr import LayerGradientXActivation
 
-    def hook(_m, _i, out):
-        h = out[0] if isinstance(out, tuple) else out
-        h.retain_grad()
-        outs.append(h)
+    def objective(input_ids, attention_mask, loss_mask):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return gold_logprob(logits, input_ids, loss_mask).sum(-1)
 
-    handles = [layer.register_forward_hook(hook) for layer in model.model.layers]
+    attrs = LayerGradientXActivation(objective, list(model.model.layers)).attribute(
+        batch["input_ids"], additional_forward_args=(batch["attention_mask"], batch["loss_mask"]))
+    real = batch["attention_mask"].bool()
+    return [a.sum(-1)[real].abs().mean().item() for a in attrs]
+
+
+def scaling_derivative(model, batch) -> list[float]:
+    """mean_t |dJ/dε_{l,t}| at ε = 0, where block l's output is rewired to h_{l-1} + (1 + ε_{l,t}) Δ_l: the
+    first-order effect of scaling each token's block contribution, by autograd on ε (no Grad x Act product)."""
+    B, T = batch["input_ids"].shape
+    eps = [torch.zeros(B, T, 1, dtype=torch.float64, requires_grad=True) for _ in model.model.layers]
+
+    def scaled(k):
+        def hook(_m, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h = out[0] if isinstance(out, tuple) else out
+            h = h_in + (1 + eps[k]) * (h - h_in)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        return hook
+
+    handles = [layer.register_forward_hook(scaled(k), with_kwargs=True) for k, layer in enumerate(model.model.layers)]
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        gold_logprob(logits, batch["input_ids"], batch["loss_mask"]).sum().backward()
+        grads = torch.autograd.grad(gold_logprob(logits, batch["input_ids"], batch["loss_mask"]).sum(), eps)
     finally:
         for h in handles:
             h.remove()
-        model.zero_grad(set_to_none=True)
     real = batch["attention_mask"].bool()
-    return [((h.grad * h).sum(-1)[real].abs().mean()).item() for h in outs]
+    return [g.squeeze(-1)[real].abs().mean().item() for g in grads]
 
 
-def test_grad_x_act_matches_manual_hooks(model, batch):
-    scores = layer_scores(model, batch, method="grad_x_act", batch_size=2)  # 2 batches: aggregation over batches
+@pytest.fixture(scope="module")
+def model64(model):
+    return copy.deepcopy(model).double()
+
+
+def test_state_reading_matches_captum(model, batch):
+    scores = layer_scores(model, batch, method="grad_x_act_state", batch_size=2)  # 2 batches: aggregation
     assert len(scores) == L and all(torch.isfinite(torch.tensor(scores)))
-    assert scores == pytest.approx(manual_grad_x_act(model, batch), rel=1e-4)
+    assert scores == pytest.approx(captum_state_scores(model, batch), rel=1e-4)
+
+
+def test_contribution_is_the_derivative_of_scaling_each_block(model64, batch):
+    scores = layer_scores(model64, batch, method="grad_x_act", batch_size=2)
+    assert scores == pytest.approx(scaling_derivative(model64, batch), rel=1e-6)  # products and sums in fp32
+    assert layer_scores(model64, batch, method=DEFAULT_METHOD) == pytest.approx(scores, rel=1e-12)
+
+
+def test_last_layer_state_is_blind_and_contribution_is_not(model64, batch):
+    # J reads h_L only through the final RMSNorm; with its epsilon at 0 it is exactly scale-invariant per token,
+    # so <h_L, dJ/dh_L> = d/dα J(α h_L) at α = 1 is 0 (an identity): the state reading cannot see the last layer.
+    exact = copy.deepcopy(model64)
+    exact.model.norm.variance_epsilon = 0.0
+    state = layer_scores(exact, batch, method="grad_x_act_state")
+    contribution = layer_scores(exact, batch, method="grad_x_act")
+    assert state[-1] < 1e-5 * max(state[:-1])  # fp32 rounding of the products (1e-2 with the default epsilon)
+    assert contribution[-1] > 0.1 * max(contribution)
+
+
+def test_frozen_bf16_model_scores_in_fp32(model, batch):
+    low = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)  # how a loaded, frozen teacher may come
+    scores = layer_scores(low, batch, method="grad_x_act")
+    assert scores == pytest.approx(layer_scores(model, batch, method="grad_x_act"), rel=0.1)
+
+
+@pytest.mark.parametrize("planted", [0, 1, 2])
+def test_a_planted_dominant_block_ranks_first(planted, batch):
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, num_hidden_layers=L, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=32)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # block `planted` writes 30x more into the residual stream: it dominates the logits
+        block = model.model.layers[planted]
+        block.self_attn.o_proj.weight.mul_(30.0)
+        block.mlp.down_proj.weight.mul_(30.0)
+    scores = layer_scores(model, batch, method="grad_x_act")
+    assert max(range(L), key=scores.__getitem__) == planted, scores
 
 
 def test_logit_lens_matches_manual_readout(model, batch):
@@ -84,11 +158,23 @@ def test_records_path_uses_shared_tokenisation(tokenizer_dir, chat_records):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, intermediate_size=32)
-    scores = layer_scores(LlamaForCausalLM(cfg), tok, chat_records, method="grad_x_act", max_len=48)
-    assert len(scores) == 2 and all(s > 0 for s in scores)
+    model = LlamaForCausalLM(cfg)
+    scores = layer_scores(model, tok, chat_records, method="grad_x_act", max_len=48)
+    # the records path scores the answer tokens of the shared tokenisation: equal to that batch, and not to one
+    # whose loss mask also covers the prompt
+    answers = tokenize_records(tok, chat_records, 48)
+    assert scores == pytest.approx(layer_scores(model, answers, method="grad_x_act"), rel=1e-6)
+    everything = tokenize_records(tok, chat_records, 48, train_on_inputs=True)
+    assert scores != pytest.approx(layer_scores(model, everything, method="grad_x_act"), rel=1e-3)
 
 
 def test_attribution_report_on_a_prepared_teacher(tiny_pair, chat_records, tmp_path):
     scores = attribution_report(tiny_pair[0], chat_records, 48, tmp_path / "a.csv", tmp_path / "a.png", device="cpu")
-    assert set(scores) == {"grad_x_act", "logit_lens", "random"} and all(len(v) == 4 for v in scores.values())
-    assert (tmp_path / "a.csv").read_text().count("\n") == 1 + 3 * 4
+    assert list(scores) == list(METHODS) and all(len(v) == 4 for v in scores.values())
+    assert (tmp_path / "a.csv").read_text().count("\n") == 1 + len(METHODS) * 4
+
+
+def test_schema_lists_exactly_the_registered_methods():
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    items = schema["properties"]["analysis"]["properties"]["attribution_methods"]["items"]
+    assert items["enum"] == list(METHODS)
