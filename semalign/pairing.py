@@ -6,21 +6,29 @@ Layers are 1-based (paper notation). Every strategy returns the same JSON-able s
      "pairs": [{"student": k, "teacher": [[l, w], ...]}, ...], ...strategy-specific provenance}
 
 with weights summing to 1 and exactly one teacher layer per student layer except ``interpolated``; the frontier
-trains exactly the student layers listed in ``pairs`` (all of them except ``last_only`` and
+trains exactly the student layers listed in ``pairs`` (all of them except ``last_only``, ``attributed_v1`` and
 ``attributed`` with ``critical_only``). Every map works when the student is deeper than the teacher (several
 student layers then share a teacher layer, all within 1..L_T).
 
-Strategies:
+The two attribution-driven strategies share the remap of v1 §4.1: the attributed critical teacher layers l* (top
+``n_critical`` by score) go to the nearest deeper-or-equal student index, "k† = min{k' ∈ {1..L_S} : l(k') >= l*},
+default k† = L_S if the set is empty". They differ in what attribution decides:
+
+- ``attributed_v1`` reads v1 §4.1, "Training then operates on the pair (l(k†), k†)", with v1's "steering a small
+  set of paired layers is enough" (intro) and "update only the parameters θ^(k) of the paired student layer k"
+  (§4.3): attribution decides WHICH student layers are trained. The pairs are (l(k†), k†) for the critical layers
+  only, verbatim (the depth-ratio source of k†, not l* itself); every other student layer is never trained.
+- ``attributed`` (default) reads the v2 abstract, "a layer attribution stage that attributes task-relevant source
+  layers and selects exactly one source layer for each target layer": every student layer is trained on the
+  depth-ratio map, except that the source of each k† is l* itself (read literally, v1's (l(k†), k†) would keep
+  the map equal to ``depth_ratio`` whenever every layer is trained, and attribution would change nothing). Depth
+  order is kept, since l(k†-1) < l* <= l(k†). ``critical_only=True`` keeps only the critical pairs.
+
+Choices where the paper is silent (both): the number of critical layers (v1 Fig. 3 shows one -> default 1),
+ties in scores (lower layer first), two l* with the same k† (the higher-scoring one; one pair).
+
+Other strategies:
 - ``depth_ratio``: l(k) = max(1, floor(L_T k / L_S)) (verbatim; integer arithmetic, so no float rounding).
-- ``attributed`` (default): the depth-ratio map, with each attributed critical teacher layer l* (top
-  ``n_critical`` by score) placed at the nearest deeper-or-equal student index k† = min{k : l(k) >= l*} (L_S
-  if none). v1 writes "training then operates on the pair (l(k†), k†)", which read literally keeps the source
-  l(k†) and makes attribution change nothing (the map would equal ``depth_ratio``); v2 says attribution "selects
-  exactly one source layer for each target layer". We take the reading in which attribution matters: the source
-  of k† is l* itself. Depth order is kept, since l(k†-1) < l* <= l(k†). ``critical_only=True`` trains only the
-  critical pairs (v1: "steering a small set of paired layers is enough"). Choices where the paper is silent:
-  the number of critical layers (Fig. 3 shows one -> default 1), ties in scores (lower layer first), two l*
-  with the same k† (the higher-scoring one).
 - ``interpolated``: u = L_T k / L_S, a = max(1, min(floor(u), L_T - 1)), b = a + 1, lambda = clip(u - a, 0, 1),
   target = (1 - lambda) h^(a) + lambda h^(b) (verbatim formula, applied at every k; zero-weight terms dropped).
 - ``last_only``: only the last student layer, supervised by the last teacher layer.
@@ -35,8 +43,8 @@ from fractions import Fraction
 
 import numpy as np
 
-STRATEGIES = ("depth_ratio", "attributed", "interpolated", "last_only", "cka", "random")
-ATTRIBUTED = ("attributed",)  # the strategies that read a layer attribution's scores
+STRATEGIES = ("depth_ratio", "attributed", "attributed_v1", "interpolated", "last_only", "cka", "random")
+ATTRIBUTED = ("attributed", "attributed_v1")  # the strategies that read a layer attribution's scores
 
 
 def reads_attribution(strategy: str) -> bool:
@@ -82,6 +90,21 @@ def _monotone_argmax(cka: np.ndarray) -> list[int]:
     return [c + 1 for c in reversed(cols)]
 
 
+def _critical_targets(L_T: int, L_S: int, scores: list[float] | None, n_critical: int) -> dict[int, int]:
+    """k† -> l* for the top ``n_critical`` teacher layers by score (v1 §4.1's remap; see the module doc)."""
+    if scores is None or len(scores) != L_T:
+        raise ValueError(f"attributed pairing needs one score per teacher layer ({L_T}), got "
+                         f"{None if scores is None else len(scores)}")
+    if not 1 <= n_critical <= L_T:
+        raise ValueError(f"n_critical must be in 1..{L_T}, got {n_critical}")
+    order = sorted(range(L_T), key=lambda i: (-scores[i], i))
+    source: dict[int, int] = {}  # on a shared k† the higher-scoring l* wins (order is by score)
+    for l_star in (i + 1 for i in order[:n_critical]):
+        k_dag = next((k for k in range(1, L_S + 1) if depth_ratio_layer(L_T, L_S, k) >= l_star), L_S)
+        source.setdefault(k_dag, l_star)
+    return source
+
+
 def pair_layers(
     L_T: int,
     L_S: int,
@@ -92,31 +115,27 @@ def pair_layers(
     n_critical: int = 1,
     critical_only: bool = False,
 ) -> dict:
-    """The pairing of every (or, for last_only / critical_only, the supervised) student layer; see module doc.
+    """The pairing of every (or, for last_only / attributed_v1 / critical_only, the trained) student layer; see
+    the module doc.
 
-    ``scores``: per teacher layer (index 0 = layer 1), for ``attributed``. ``cka``: [L_S, L_T], for ``cka``."""
+    ``scores``: per teacher layer (index 0 = layer 1), for the attributed strategies. ``cka``: [L_S, L_T], for ``cka``."""
     if L_T < 1 or L_S < 1:
         raise ValueError(f"layer counts must be >= 1, got L_T={L_T}, L_S={L_S}")
     out: dict = {"strategy": strategy, "teacher_layers": L_T, "student_layers": L_S}
     ks = range(1, L_S + 1)
     if strategy == "depth_ratio":
         pairs = [_single(k, depth_ratio_layer(L_T, L_S, k)) for k in ks]
-    elif strategy == "attributed":
-        if scores is None or len(scores) != L_T:
-            raise ValueError(f"attributed pairing needs one score per teacher layer ({L_T}), got "
-                             f"{None if scores is None else len(scores)}")
-        if not 1 <= n_critical <= L_T:
-            raise ValueError(f"n_critical must be in 1..{L_T}, got {n_critical}")
-        order = sorted(range(L_T), key=lambda i: (-scores[i], i))
-        source: dict[int, int] = {}  # k† -> l*; on a shared k† the higher-scoring l* wins (order is by score)
-        for l_star in (i + 1 for i in order[:n_critical]):
-            k_dag = next((k for k in ks if depth_ratio_layer(L_T, L_S, k) >= l_star), L_S)
-            source.setdefault(k_dag, l_star)
+    elif strategy in ATTRIBUTED:
+        source = _critical_targets(L_T, L_S, scores, n_critical)
         critical = [{"teacher_attributed": l, "student": k, "depth_ratio_teacher": depth_ratio_layer(L_T, L_S, k)}
                     for k, l in sorted(source.items())]
-        pairs = [{**_single(k, source.get(k, depth_ratio_layer(L_T, L_S, k))), "critical": k in source}
-                 for k in ks if k in source or not critical_only]
-        out.update(critical=critical, n_critical=n_critical, critical_only=critical_only)
+        if strategy == "attributed_v1":
+            pairs = [{**_single(k, depth_ratio_layer(L_T, L_S, k)), "critical": True} for k in sorted(source)]
+        else:
+            pairs = [{**_single(k, source.get(k, depth_ratio_layer(L_T, L_S, k))), "critical": k in source}
+                     for k in ks if k in source or not critical_only]
+            out["critical_only"] = critical_only
+        out.update(critical=critical, n_critical=n_critical)
     elif strategy == "interpolated":
         pairs = [_interpolated(L_T, L_S, k) for k in ks]
     elif strategy == "last_only":

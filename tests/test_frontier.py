@@ -189,6 +189,14 @@ def test_sparse_and_weighted_pairings(setup, tmp_path):
     before, model = _run_direct(setup, tmp_path / "last", pairing=pair_layers(4, 2, "last_only"))
     assert _changed(before, model) == ["1"]
     assert {r["stage"] for r in csv.DictReader(open(tmp_path / "last/loss_curve.csv"))} == {"2"}
+    # attributed_v1 (teacher layer 1 critical -> k† = 1, pair (l(1) = 2, 1)): only layer 1 trained, layer 2 frozen
+    # in the output suffix; its curve has stage 1 alone, and stage 1 is the last stage so it trains the output KL
+    v1 = pair_layers(4, 2, "attributed_v1", scores=[1.0, 0.0, 0.0, 0.0])
+    assert [(q["student"], q["teacher"]) for q in v1["pairs"]] == [(1, [[2, 1.0]])]
+    before, model = _run_direct(setup, tmp_path / "v1", pairing=v1)
+    assert _changed(before, model) == ["0"]
+    rows = list(csv.DictReader(open(tmp_path / "v1/loss_curve.csv")))
+    assert {r["stage"] for r in rows} == {"1"} and all(float(r["kl"]) > 0 for r in rows)
     # an interpolated-style weighted target (teacher layers 2 and 3 mixed) for student layer 1
     mixed = {"strategy": "interpolated", "teacher_layers": 4, "student_layers": 2,
              "pairs": [{"student": 1, "teacher": [[2, 0.25], [3, 0.75]]}, {"student": 2, "teacher": [[4, 1.0]]}]}

@@ -73,6 +73,38 @@ def test_attributed_places_the_critical_layer_at_its_remapped_student_layer():
         pair_layers(40, 32, "attributed", scores=[1.0] * 3)
 
 
+def v1_pairs(p):
+    return [(q["student"], q["teacher"]) for q in p["pairs"]]
+
+
+def test_attributed_v1_trains_only_the_remapped_critical_layers_on_their_depth_ratio_source():
+    # Integer ratio, 30 -> 10, layer 7 critical: k† = 3 (l(2) = 6 < 7 <= l(3) = 9); v1's pair (l(k†), k†) = (9, 3).
+    one = pair_layers(30, 10, "attributed_v1", scores=[1.0 if l == 7 else 0.0 for l in range(1, 31)])
+    assert v1_pairs(one) == [(3, [[9, 1.0]])]
+    assert one["critical"] == [{"teacher_attributed": 7, "student": 3, "depth_ratio_teacher": 9}]
+    # The paper's Fig. 3: 20 -> 10, the last teacher layer critical -> only the last student layer, on layer 20.
+    assert v1_pairs(pair_layers(20, 10, "attributed_v1", scores=list(range(20)))) == [(10, [[20, 1.0]])]
+    # Non-integer ratio, 40 -> 32, layers 4 (score 5) and 40 (score 3): k† = 4 (l(3) = 3 < 4 <= l(4) = 5) and 32.
+    scores = [0.0] * 40
+    scores[3], scores[39] = 5.0, 3.0
+    two = pair_layers(40, 32, "attributed_v1", scores=scores, n_critical=2)
+    assert v1_pairs(two) == [(4, [[5, 1.0]]), (32, [[40, 1.0]])]
+    # 40 -> 32 with n_critical = 1: only the top layer (4) -> one trained student layer.
+    assert v1_pairs(pair_layers(40, 32, "attributed_v1", scores=scores)) == [(4, [[5, 1.0]])]
+    # Two critical layers sharing k† (30 -> 10: 7 and 8 both -> k† = 3): one pair, (9, 3).
+    both = pair_layers(30, 10, "attributed_v1", n_critical=2,
+                       scores=[2.0 if l == 8 else 1.0 if l == 7 else 0.0 for l in range(1, 31)])
+    assert v1_pairs(both) == [(3, [[9, 1.0]])]
+    # Deeper student, 24 -> 32, layer 5 critical: l(6) = floor(24*6/32) = 4 < 5 <= l(7) = 5 -> (5, 7).
+    deep = pair_layers(24, 32, "attributed_v1", scores=[1.0 if l == 5 else 0.0 for l in range(1, 25)])
+    assert v1_pairs(deep) == [(7, [[5, 1.0]])]
+    # beside the default: same critical layers, but `attributed` trains every layer and sources k† from l* itself
+    default = pair_layers(30, 10, "attributed", scores=[1.0 if l == 7 else 0.0 for l in range(1, 31)])
+    assert len(default["pairs"]) == 10 and default["pairs"][2]["teacher"] == [[7, 1.0]]
+    with pytest.raises(ValueError, match="one score per teacher layer"):
+        pair_layers(30, 10, "attributed_v1")
+
+
 def test_last_only_and_random():
     assert pair_layers(24, 32, "last_only")["pairs"] == [{"student": 32, "teacher": [[24, 1.0]]}]
     a, b = pair_layers(40, 32, "random", seed=3), pair_layers(40, 32, "random", seed=3)
@@ -98,8 +130,11 @@ def test_every_strategy_in_range(strategy, depths):
     rng = np.random.default_rng(0)
     p = pair_layers(L_T, L_S, strategy, scores=list(rng.random(L_T)), cka=rng.random((L_S, L_T)), seed=1)
     validate_pairing(p, L_T, L_S)
-    expect_students = [L_S] if strategy == "last_only" else list(range(1, L_S + 1))
-    assert [q["student"] for q in p["pairs"]] == expect_students
+    students = [q["student"] for q in p["pairs"]]
+    if strategy == "attributed_v1":  # one critical layer by default: one trained student layer
+        assert len(students) == 1
+    else:
+        assert students == ([L_S] if strategy == "last_only" else list(range(1, L_S + 1)))
     for q in p["pairs"]:
         assert len(q["teacher"]) == 1 or (strategy == "interpolated" and len(q["teacher"]) == 2)
         assert sum(w for _, w in q["teacher"]) == pytest.approx(1.0)
