@@ -11,6 +11,12 @@ and M is all we ever form: per-token V-dimensional coefficients are never materi
 accumulated over vocabulary chunks from thin SVD factors (W = U diag(s) V^T  =>  W^+ e_i = V diag(1/s) U[i]^T),
 so the peak extra memory is one [d, chunk] block per model rather than two dense [d, V] pseudoinverses.
 
+The lens (``fold_final_norm``, default on): the model reads its last residual state as logits = W diag(γ) norm(h),
+with γ the final RMSNorm's weight (Llama family: y = γ ⊙ h / rms(h)). The bases are built from that lens,
+W_lens = W diag(γ), so that s_i is the state direction the model itself reads as token i; ``fold=False`` uses W
+alone (the paper's literal W^+, an ablation). Since W has full column rank, pinv(W diag(γ)) = diag(1/γ) W^+, so
+folding reweights each basis channel by 1/γ before the unit normalisation; with γ = 1 it changes nothing.
+
 Choices where the paper is silent:
 - pinv cutoff: singular values below ``rtol * s_max`` (rtol = max(V, d) * eps of the compute dtype, torch's pinv
   default) are treated as zero; the SVD runs in float64 by default because columns are renormalised afterwards,
@@ -33,9 +39,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from semalign.suite.models import VocabularyMismatchError, embed_tokens, lm_head
+from semalign.suite.models import VocabularyMismatchError, embed_tokens, final_norm, lm_head
 
-BASES = ("output", "input", "random")
+BASES = ("output", "output_unfolded", "input", "random")  # Fig. 2 rows; "output" reads through the folded lens
 
 
 class BasisShapeError(VocabularyMismatchError):
@@ -54,6 +60,13 @@ def _svd_factors(head_weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.T
 
 def _unit_columns(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=0, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def lens_weight(model: torch.nn.Module, fold: bool = True) -> torch.Tensor:
+    """The map from the final residual state's direction to logits, [V, d] in float64: W_head diag(γ_final_norm)
+    (``fold``) or W_head alone. float64 because the SVD that follows runs in it."""
+    w = lm_head(model).weight.detach().to(torch.float64)
+    return w * final_norm(model).weight.detach().to(w.device, torch.float64) if fold else w
 
 
 def semantic_bases(head_weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -97,9 +110,10 @@ def align(h: torch.Tensor, m: torch.Tensor, normalize: bool = True) -> torch.Ten
 
 
 def basis_matrix(model: torch.nn.Module, basis: str, seed: int = 0) -> torch.Tensor:
-    """Unit-column bases [d, V] of a model: "output" = pinv(lm_head), "input" = embedding rows, "random"."""
-    if basis == "output":
-        return semantic_bases(lm_head(model).weight)
+    """Unit-column bases [d, V] of a model: "output" = pinv(W_head diag(γ)), "output_unfolded" = pinv(W_head),
+    "input" = embedding rows, "random"."""
+    if basis in ("output", "output_unfolded"):
+        return semantic_bases(lens_weight(model, fold=basis == "output"))
     emb = embed_tokens(model).weight.detach().to(torch.float64)
     if basis == "input":
         return _unit_columns(emb.T)
@@ -161,32 +175,42 @@ def write_decomposition(results: dict[str, dict[int, float]], csv_path: Path, pn
                         ylabel="cos(h, recomposed h)", title=title or "semantic decomposition", ylim=(-0.05, 1.05))
 
 
-def build_aligned_map(teacher_dir: Path, student_dir: Path, out_path: Path, device: str | None = None) -> dict:
-    """The semantic_bases rule's work: check the vocabularies, compute M = S_S S_T^T once, save it atomically
-    (a float32 [d_S, d_T] tensor that the semalign method loads via ``extras["aligned_map"]``); returns stats."""
-    from semalign.suite.io import atomic_torch_save
+def pair_map(teacher_dir: Path, student_dir: Path, fold: bool = True, device: str | None = None) -> tuple[torch.Tensor, dict]:
+    """M = S_S S_T^T of two prepared models through their lenses (:func:`lens_weight`), after checking that they
+    share a vocabulary; returns (M on the CPU, stats)."""
     from semalign.suite.models import check_same_vocab, load_model
 
     check_same_vocab(teacher_dir, student_dir)
-    heads = {}
+    lens, stats = {}, {"fold_final_norm": fold}
     for role, path in (("teacher", teacher_dir), ("student", student_dir)):
         model, _ = load_model(path, device=device)
-        heads[role] = lm_head(model).weight.detach()
-        heads[f"{role}_tied"] = heads[role].data_ptr() == embed_tokens(model).weight.data_ptr()
+        lens[role] = lens_weight(model, fold)
+        stats[f"{role}_tied"] = lm_head(model).weight.data_ptr() == embed_tokens(model).weight.data_ptr()
         del model
-    m = aligned_map(heads["student"], heads["teacher"].to(heads["student"].device)).cpu()
+    m = aligned_map(lens["student"], lens["teacher"].to(lens["student"].device)).cpu()
+    stats.update(vocab=lens["student"].shape[0], d_student=m.shape[0], d_teacher=m.shape[1], map_fro_norm=m.norm().item())
+    return m, stats
+
+
+def build_aligned_map(
+    teacher_dir: Path, student_dir: Path, out_path: Path, device: str | None = None, fold: bool = True
+) -> dict:
+    """The aligned_map rule's work: M (:func:`pair_map`) saved atomically as a float32 [d_S, d_T] tensor, which the
+    semalign method loads via ``extras["aligned_map"]``; returns stats."""
+    from semalign.suite.io import atomic_torch_save
+
+    m, stats = pair_map(teacher_dir, student_dir, fold, device)
     atomic_torch_save(m, Path(out_path))
-    return {"vocab": heads["student"].shape[0], "d_student": m.shape[0], "d_teacher": m.shape[1],
-            "teacher_tied": heads["teacher_tied"], "student_tied": heads["student_tied"],
-            "map_fro_norm": m.norm().item()}
+    return stats
 
 
 def decomposition_report(
     model_dir: Path, records: list[dict], max_len: int, csv_path: Path, png_path: Path, seed: int = 0,
     title: str = "",
 ) -> dict[str, dict[int, float]]:
-    """Paper Fig. 2 for one model: recomposition cosine per layer (0 = embeddings .. L) for output-side,
-    input-side and random bases over the real tokens of ``records``; writes the csv and png."""
+    """Paper Fig. 2 for one model: recomposition cosine per layer (0 = embeddings .. L) for output-side bases
+    through the folded lens and without γ (the two rows show what folding changes), input-side and random bases,
+    over the real tokens of ``records``; writes the csv and png."""
     from semalign.suite.chat import tokenize_records
     from semalign.suite.models import decoder_layers, load_model
 

@@ -50,6 +50,7 @@ class SemAlignConfig:
     attribution: str = DEFAULT_ATTRIBUTION  # feeds the attributed pairings (paper: Layer Grad x Act, see attribution)
     interface: str | None = None  # "residual" (h_k - h_{k-1}) | "output" (h_k); None = the loss's default
     recompose: str = "semantic"  # "semantic" = fixed VDS map M | "projector" = learned linear map (ablation)
+    fold_final_norm: bool = True  # bases of W_head diag(γ), the lens the model reads through (semalign.bases)
     trainable: str = "lora"  # "lora" (paper: r=16 on up/down/v/o) | "full" (all of layer k)
     epochs: int = 5  # paper: 5 (HumanEval 3); ours: per frontier stage (the paper does not say)
     lr: float = 3e-4  # paper: 3e-4 (HumanEval 3e-5)

@@ -3,7 +3,7 @@ semantic alignment, trained with the shallow-to-deep frontier schedule (:mod:`se
 
 What a run reads beyond the shared inputs (:meth:`SemAlign.needs`): its layer pairing (:class:`Pairing`, made by
 the pairing rule from :mod:`semalign.pairing`), the aligned map M (:class:`AlignedMap`, from the aligned_map rule;
-computed here from the two LM heads when a caller passes none), and the shared teacher cache holding the paired
+computed here from the two models' lenses when a caller passes none), and the shared teacher cache holding the paired
 teacher layers.
 """
 from __future__ import annotations
@@ -15,11 +15,10 @@ from typing import ClassVar
 
 import torch
 
-from semalign.bases import aligned_map
+from semalign.bases import pair_map
 from semalign.frontier import SemAlignConfig, stage_trainable_params, train_frontier
 from semalign.pairing import reads_attribution
 from semalign.suite.ids import PairingName
-from semalign.suite.models import lm_head
 from semalign.suite.registry import Artifact, Method, TeacherCache, TransferContext, register_method
 
 
@@ -39,10 +38,21 @@ class Pairing(Artifact):
 
 @dataclass(frozen=True)
 class AlignedMap(Artifact):
-    """M = S_S S_T^T for a pair (:func:`semalign.bases.aligned_map`)."""
+    """M = S_S S_T^T for a pair (:func:`semalign.bases.pair_map`), through the lens with the final norm's γ folded
+    in or not (``lens``: a member of ``LENSES``)."""
 
     key: ClassVar[str] = "aligned_map"
-    PATTERN: ClassVar[str] = "bases/{pair}/aligned_map.pt"
+    PATTERN: ClassVar[str] = "bases/{pair}/aligned_map_{lens}.pt"
+    LENSES: ClassVar[tuple[str, str]] = ("folded", "unfolded")
+    lens: str = LENSES[0]
+
+    @classmethod
+    def of(cls, fold_final_norm: bool) -> AlignedMap:
+        return cls(cls.LENSES[0] if fold_final_norm else cls.LENSES[1])
+
+    @property
+    def folded(self) -> bool:
+        return self.lens == self.LENSES[0]
 
 
 @register_method("semalign")
@@ -57,7 +67,7 @@ class SemAlign(Method):
             states = "residual" if cfg.resolved_interface == "residual" else "end"
             needs.append(TeacherCache(pairing.name, states))
             if cfg.recompose == "semantic":
-                needs.append(AlignedMap())
+                needs.append(AlignedMap.of(cfg.fold_final_norm))
         else:
             needs.append(TeacherCache())
         return needs
@@ -70,8 +80,7 @@ class SemAlign(Method):
             if "aligned_map" in ctx.artifacts:
                 m = torch.load(ctx.artifacts["aligned_map"], map_location="cpu", weights_only=True)
             else:
-                head_s = lm_head(model).weight
-                m = aligned_map(head_s, cache.head_weight.to(head_s.device))
+                m, _ = pair_map(ctx.teacher, ctx.student, cfg.fold_final_norm, device=ctx.device)
         model = train_frontier(model, cache, pairing, cfg, ctx.out_dir, ctx.seed, m)
         stats = {
             "trainable_params": stage_trainable_params(model, cfg),  # per stage: one layer's worth at a time

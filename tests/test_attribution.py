@@ -177,4 +177,5 @@ def test_attribution_report_on_a_prepared_teacher(tiny_pair, chat_records, tmp_p
 def test_schema_lists_exactly_the_registered_methods():
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
     items = schema["properties"]["analysis"]["properties"]["attribution_methods"]["items"]
-    assert items["enum"] == list(METHODS)
+    semalign = schema["properties"]["method_params"]["properties"]["semalign"]["properties"]
+    assert items["enum"] == semalign["attribution"]["enum"] == list(METHODS)

@@ -1,8 +1,10 @@
 """Layer pairing: exact maps written by hand from the paper's formulas, ranges, deeper students, CKA."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from semalign.pairing import STRATEGIES, pair_layers, teacher_layers_needed, validate_pairing
 
@@ -150,3 +152,9 @@ def test_teacher_layers_needed_and_errors():
     with pytest.raises(ValueError, match="pairing is for"):
         validate_pairing(p, L_T=40, L_S=10)
 
+
+
+def test_schema_lists_exactly_the_strategies():
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    semalign = schema["properties"]["method_params"]["properties"]["semalign"]["properties"]
+    assert semalign["pairing"]["enum"] == list(STRATEGIES)

@@ -30,15 +30,17 @@ rule aligned_map:
         student=pair_model("student"),
     output:
         AlignedMap.pattern(R),
+    wildcard_constraints:
+        lens=_alternatives(AlignedMap.LENSES),
     log:
-        f"{LOGS}/aligned_map/{{pair}}.log",
+        f"{LOGS}/aligned_map/{{pair}}_{{lens}}.log",
     benchmark:
-        f"{BENCH}/aligned_map/{{pair}}.tsv"
+        f"{BENCH}/aligned_map/{{pair}}_{{lens}}.tsv"
     threads: THREADS
     conda:
         "../envs/semalign.yaml"
     message:
-        "Aligned semantic map M = S_S S_T^T for {wildcards.pair}"
+        "Aligned semantic map M = S_S S_T^T for {wildcards.pair}, final norm's gamma {wildcards.lens}"
     script:
         "../scripts/aligned_map.py"
 

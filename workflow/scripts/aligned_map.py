@@ -1,8 +1,11 @@
 from pathlib import Path
 
 from semalign.bases import build_aligned_map
+from semalign.method import AlignedMap
 from semalign.suite.pipeline import start_job
 
 start_job(snakemake)
 inp = snakemake.input
-print(build_aligned_map(Path(inp.teacher).parent, Path(inp.student).parent, Path(snakemake.output[0]), device="cpu"))
+fold = AlignedMap(snakemake.wildcards.lens).folded
+print(build_aligned_map(Path(inp.teacher).parent, Path(inp.student).parent, Path(snakemake.output[0]), device="cpu",
+                        fold=fold))
