@@ -218,7 +218,7 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert (work / "results" / "smoke" / "figures" / "main.png").stat().st_size > 10_000
     # SemAlign's analysis stages: Fig. 2 per model, attribution per task, a pairing that covers every student layer
     fig2 = pd.read_csv(work / "results" / "smoke" / "bases" / "tiny-student" / "decomposition.csv")
-    assert set(fig2["basis"]) == {"output", "input", "random"} and fig2["cosine"].between(-1, 1).all()
+    assert set(fig2["basis"]) == {"output", "output_unfolded", "input", "random"} and fig2["cosine"].between(-1, 1).all()
     attribution = pd.read_csv(work / "results" / "smoke" / "attribution" / "tiny" / "gsm8k" / "grad_x_act.csv")
     assert sorted(attribution["layer"]) == [1, 2, 3, 4]
     pairing = json.loads((work / "results" / "smoke" / "pairing" / "tiny" / "gsm8k" / "attributed-grad_x_act.json").read_text())
