@@ -45,9 +45,29 @@ def test_cost_table_leaves_resumed_runs_out_of_the_timing():
 
 
 def test_hparam_table_marks_missing_parameters():
-    t = hparam_table({"kd": {"lr": 0.001, "temperature": 1.0}, "laten": {"lr": 3e-4, "steps": 4}}).set_index("parameter")
+    t = hparam_table({"kd": {"gsm8k": {"lr": 0.001, "temperature": 1.0}},
+                      "laten": {"gsm8k": {"lr": 3e-4, "steps": 4}}}).set_index("parameter")
     assert list(t.columns) == ["kd", "laten"]
     assert t.loc["lr", "kd"] == "0.001" and t.loc["steps", "kd"] == "–" and t.loc["temperature", "laten"] == "–"
+
+
+def test_hparam_table_splits_a_method_by_its_per_task_settings():
+    """LaTen's Table 4 steps differ per task: one column per distinct config, headed by its tasks."""
+    laten = {"mmlu": {"steps": 2}, "gsm8k": {"steps": 4}, "humaneval": {"steps": 4}}
+    t = hparam_table({"kd": {"mmlu": {"epochs": 5}, "gsm8k": {"epochs": 5}}, "laten": laten}).set_index("parameter")
+    assert list(t.columns) == ["kd", "laten (MMLU)", "laten (GSM8K, HumanEval)"]
+    assert t.loc["steps", "laten (MMLU)"] == "2" and t.loc["steps", "laten (GSM8K, HumanEval)"] == "4"
+
+
+def test_cost_table_states_the_budget_each_method_spent():
+    budget = {"kd": {"examples": 10, "epochs": 2.0, "optimizer_steps": 6},
+              "semalign": {"examples": 10, "epochs": 2.0, "optimizer_steps": 6}}
+    records = [{**_record(m, 0, 10.0, True), "budget": b} for m, b in budget.items()]
+    records.append(_record("old", 0, 10.0, False))  # a record from before budgets were kept: unknown, not 0
+    t = cost_table(records, RUNS).set_index("method")
+    assert t.loc["semalign", ["examples", "epochs", "optimizer steps"]].tolist() == [10, 2.0, 6]
+    assert t.loc["kd", "optimizer steps"] == t.loc["semalign", "optimizer steps"]
+    assert t.loc[["old"], ["examples", "epochs", "optimizer steps"]].isna().all(axis=None)
 
 
 def test_figures_render(tmp_path):
