@@ -158,6 +158,12 @@ def test_slurm_profile_names_only_real_rules(tmp_path):
         (lambda c: c["ablations"]["methods"]["semalign"].update(lossy=["v1"]), "lossy"),
         (lambda c: c["ablations"]["methods"]["semalign"].update(loss=["v9"]), "v9"),
         (lambda c: c["method_params"]["kd"].update(epochz=2), "epochz"),
+        (lambda c: c["method_params"]["laten"].update(tasks={"hellaswag": {"steps": 2}}), "hellaswag"),
+        (lambda c: c["method_params"]["kd"].update(tasks={"gsm8k": {"epochz": 2}}), "epochz"),
+        (lambda c: c["method_params"]["lora_sft"].update(tasks={"mbpp": {"epochs": 2}}), "lora_sft is seeking's control"),
+        (lambda c: c["method_params"]["semalign"].update(epochs=2), "KD's optimizer steps"),
+        (lambda c: c["ablations"]["methods"]["semalign"].update(lr=[0.1])
+         or c["method_params"]["semalign"].update(tasks={"gsm8k": {"lr": 0.01}}), "also sets"),
         (lambda c: c.update(report={"finetuned_teachers": ["tiny", "ghost_pair"]}), "ghost_pair"),
         (lambda c: c.setdefault("analysis", {}).update(cka_method="none"), "cka_method"),
         (lambda c: c.setdefault("analysis", {}).update(cka_tasks=["humaneval", "hellaswag"]), "hellaswag"),
