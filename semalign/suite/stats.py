@@ -22,6 +22,7 @@ import pandas as pd
 from scipy.stats import binomtest, wilcoxon
 
 BASELINES = ("none", "kd")
+BASELINE_LABELS = {"none": "student", "kd": "KD"}  # in table headers and figure legends
 QUANTITIES = ("score", "nll")
 ALPHA = 0.05
 

@@ -11,6 +11,7 @@ from scipy import stats
 from semalign.suite.io import atomic_write_text
 from semalign.suite.labels import ROW_LABELS, TASK_LABELS
 from semalign.suite.paper import Reported
+from semalign.suite.stats import BASELINE_LABELS, BASELINES, p_cell
 
 FINETUNED_TASKS = ("humaneval", "mbpp")
 # the training budget each method spent (its train_stats "budget", semalign.suite.train.spent)
@@ -56,19 +57,33 @@ def _cell(mean: float, ci: float, digits: int, seeds: int) -> str:
 
 
 
-def _task_cells(r: pd.Series, pair: str, method: str, task: str, paper: Reported | None) -> dict[str, str]:
-    """One task's columns of a row: our metric (± CI), the paper's number beside it when given, our NLL."""
+def _task_cells(r: pd.Series, pair: str, method: str, task: str, paper: Reported | None,
+                tests: pd.DataFrame | None = None) -> dict[str, str]:
+    """One task's columns of a row: our metric (± CI), the paper's number beside it when given, our NLL, and, when
+    ``tests`` (:func:`semalign.suite.stats.paired_tests`) are given, the Holm-adjusted p of the metric and the NLL
+    against each baseline ("–" where no test applies: the baseline itself, reference rows)."""
     label = TASK_LABELS.get(task, task)
     seeds = int(r["seeds"])
     cells = {f"{label} {r['metric']}": _cell(100 * r["score"], 100 * r["score_ci95"], 1, seeds)}
     if paper is not None:
         cells[paper.column(task)] = paper.cell(pair, method, task)
-    return {**cells, f"{label} NLL": _cell(r["nll"], r["nll_ci95"], 3, seeds)}
+    cells[f"{label} NLL"] = _cell(r["nll"], r["nll_ci95"], 3, seeds)
+    if tests is not None:
+        p = tests[(tests.pair == pair) & (tests.task == task) & (tests.method == method)]
+        p = p.set_index(["baseline", "quantity"])["p_holm"]
+        for baseline in BASELINES:
+            for quantity, name in (("score", r["metric"]), ("nll", "NLL")):
+                value = p.get((baseline, quantity))
+                column = f"{label} p {name} vs {BASELINE_LABELS[baseline]}"
+                cells[column] = "–" if value is None else p_cell(value)
+    return cells
 
 
-def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], paper: Reported | None = None) -> pd.DataFrame:
+def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], paper: Reported | None = None,
+               tests: pd.DataFrame | None = None) -> pd.DataFrame:
     """Wide Table 1: rows = methods (teacher and untouched student included), columns = task x {metric, NLL},
-    and the paper's number beside our metric when ``paper`` is given.
+    the paper's number beside our metric when ``paper`` is given, and the paired tests' Holm-adjusted p-values
+    against the untouched student and KD when ``tests`` are given (:mod:`semalign.suite.stats`).
 
     ``gap_to_teacher`` follows the paper: the method's mean score over tasks minus the teacher's.
     """
@@ -82,7 +97,7 @@ def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], pape
             row = {"pair": pair, "method": ROW_LABELS.get(method, method), "seeds": int(ms["seeds"].max())}
             for task in tasks:
                 if task in ms.index:
-                    row.update(_task_cells(ms.loc[task], pair, method, task, paper))
+                    row.update(_task_cells(ms.loc[task], pair, method, task, paper, tests))
             common = [t for t in tasks if t in ms.index and t in teacher.index]
             if common:
                 row["gap to teacher"] = f"{100 * (ms.loc[common, 'score'].mean() - teacher[common].mean()):+.1f}"
