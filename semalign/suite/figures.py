@@ -51,8 +51,8 @@ def _save(fig: plt.Figure, stem: Path) -> None:
 
 
 MARKS = {"none": "*", "kd": "†"}  # significance vs the untouched student, vs KD
-DELTAS = [("score", "score_ci95", 100, "change in score vs student (points)"),
-          ("nll", "nll_ci95", 1, "change in gold-answer NLL vs student (nats; < 0 helps)")]
+DELTAS = [("score", "score_ci95", 100, "Δ score vs student (points)"),
+          ("nll", "nll_ci95", 1, "Δ gold-answer NLL vs student (nats)")]
 
 
 def main_figure(summary: pd.DataFrame, methods: list[str], tasks: list[str], stem: Path,
@@ -92,6 +92,7 @@ def main_figure(summary: pd.DataFrame, methods: list[str], tasks: list[str], ste
                     ax.scatter(xs, ys, marker="D", color="black", s=18, zorder=3,
                                label="paper (reported)" if i == 0 else None)
             ax.axhline(0, color="grey", lw=0.8)
+            ax.margins(y=0.12)  # room for the marks beyond the error bars
             ax.set_xticks(np.arange(len(tasks)) + width * (len(shown) - 1) / 2)
             ax.set_xticklabels([TASK_LABELS.get(t, t) for t in tasks])
             ax.set_ylabel(ylabel)
