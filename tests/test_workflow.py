@@ -127,6 +127,9 @@ def test_mini_plans_cka_analysis_and_pairing(tmp_path):
     pair = "smollm2-135m_to_mini"
     assert f"Transfer semalign@pairing=cka: {pair} / gsm8k / seed 0" in out
     assert "Evaluating semalign@pairing=cka on gsm8k" in out
+    # the paper's epochs per stage: a labelled row beside the main one (KD's optimizer steps), README "Fairness protocol"
+    assert f"Transfer semalign@budget=epochs_per_stage: {pair} / gsm8k / seed 0" in out
+    assert "results/mini/tables/ablation_semalign__budget.md" in out
     assert f"CKA of the none student with the teacher and itself: {pair} / gsm8k" in out  # the pairing's input
     assert f"results/mini/cka/{pair}/gsm8k/none.csv" in out and f"results/mini/pairing/{pair}/gsm8k/cka.json" in out
     assert f"CKA of the semalign student with the teacher and itself: {pair} / humaneval" in out
