@@ -13,7 +13,7 @@ import torch
 from semalign.suite.lora import prepare_trainable, trainable_parameters
 from semalign.suite.objectives import answer_ce, answer_logits, output_kl
 from semalign.suite.registry import Artifact, Method, TeacherCache, TransferContext, register_method
-from semalign.suite.train import TrainConfig, fit
+from semalign.suite.train import TrainConfig, fit, fit_budget
 
 
 @dataclass
@@ -44,6 +44,8 @@ class KnowledgeDistillation(Method):
                 loss = loss + cfg.ce_weight * answer_ce(logits, labels)
             return loss
 
-        fit(model, cache.tokens(), loss_fn, cfg, ctx.out_dir, ctx.seed, "kd")
-        stats = {"trainable_params": trainable_parameters(model), "config": asdict(cfg), "teacher_forwards": 0}
+        data = cache.tokens()
+        curve = fit(model, data, loss_fn, cfg, ctx.out_dir, ctx.seed, "kd")
+        stats = {"trainable_params": trainable_parameters(model), "budget": fit_budget(data, cfg, curve),
+                 "config": asdict(cfg), "teacher_forwards": 0}
         return self.save(ctx, model, tokenizer, stats)

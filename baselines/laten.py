@@ -36,7 +36,7 @@ from semalign.suite.io import atomic_torch_save, write_csv
 from semalign.suite.models import decoder_layers, final_norm, lm_head, load_model, model_device
 from semalign.suite.objectives import sft_loss
 from semalign.suite.registry import Method, TransferContext, register_method
-from semalign.suite.train import check_finite, trim
+from semalign.suite.train import check_finite, spent, trim
 
 MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
 FAMILY = {"up_proj": "ffn", "down_proj": "ffn", "v_proj": "attn", "o_proj": "attn"}  # layers ranked per family
@@ -348,13 +348,14 @@ class LaTen(Method):
             translated = translator({m: extract_vectors(teacher, where_t, m).to(dev) for m in cfg.modules})
             return translated, build_deltas(student, where_s, translated), where_t
 
-        curve = []
+        curve, seen = [], set()  # seen: the align rows the steps drew (the budget's distinct examples)
         for idx in tqdm(range(steps), desc="laten align"):
             opt.zero_grad(set_to_none=True)
             translated, deltas, _ = translate(extract_records[idx])
             mse = sum(t.pow(2).mean() for t in translated.values())
             g = torch.Generator().manual_seed(ctx.seed * 100_003 + idx)
             rows = torch.randperm(n_align, generator=g)[: cfg.samples_per_step - 1].tolist()
+            seen.update(rows)
             batches = [_row(align, i, dev) for i in rows] + [_row(extract, idx, dev)]
             with applied(student, deltas):
                 ce = [_example_backward(student, b, mse, cfg.mse_weight, f"laten step {idx}") for b in batches]
@@ -373,6 +374,8 @@ class LaTen(Method):
         atomic_torch_save({k: v.cpu() for k, v in added.items()}, ctx.out_dir / "delta.pt")
         stats = {
             "trainable_params": sum(p.numel() for p in translator.parameters()),
+            # extract examples (one per step) + the align rows drawn; each step reads samples_per_step examples
+            "budget": spent(steps + len(seen), steps * cfg.samples_per_step, steps),
             "config": asdict(cfg),
             "teacher_forwards": steps + 1,  # attribution forwards: one per extract example + the inference one
             "teacher_layers": {fam: (l + 1).tolist() for fam, l in where_t.layers.items()},  # 1-based, injected

@@ -2,7 +2,7 @@
 learned linear projectors map student hidden states onto the paired teacher layers, plus output KL.
 
 Loss per batch: KL(p_T || p_S) on answer tokens + lambda_layer * mean_k nMSE(P_k h_S^(k), h_T^(l(k))), over all
-real tokens, where (k, l(k)) are the pairs of the configured pairing (the same files SemAlign reads, so the two
+real tokens, where (k, l(k)) are the pairs of the configured pairing (SemAlign's own pairing file by default, so the two
 differ in objective, not in which layers they match) and nMSE is the MSE divided by the teacher state's mean
 square: teacher residual streams carry outlier dimensions of very different scale per layer, and the ratio keeps
 every layer's term O(1). All student layers train together (LoRA or full), the projectors always in full.
@@ -15,19 +15,21 @@ from pathlib import Path
 
 import torch
 
-from semalign.attribution import DEFAULT_METHOD as DEFAULT_ATTRIBUTION
+from semalign.frontier import SemAlignConfig
 from semalign.method import Pairing
 from semalign.suite.cache import layer_outputs
 from semalign.suite.lora import prepare_trainable, trainable_parameters
 from semalign.suite.objectives import answer_logits, output_kl
 from semalign.suite.registry import Artifact, Method, TeacherCache, TransferContext, register_method
-from semalign.suite.train import TrainConfig, fit
+from semalign.suite.train import TrainConfig, fit, fit_budget
 
 
 @dataclass
 class LayerwiseKDConfig(TrainConfig):
-    pairing: str = "depth_ratio"  # semalign.pairing strategy; the workflow builds the pairing file it names
-    attribution: str = DEFAULT_ATTRIBUTION  # only read by the attributed pairings
+    # SemAlign's pairing file by default, so the two differ in objective only (checked at DAG start when a profile
+    # changes one of them: semalign.suite.fairness)
+    pairing: str = SemAlignConfig.pairing  # semalign.pairing strategy; the workflow builds the pairing file it names
+    attribution: str = SemAlignConfig.attribution  # only read by attribution-driven pairings
     lambda_layer: float = 1.0
     lambda_kl: float = 1.0
     temperature: float = 1.0
@@ -77,15 +79,17 @@ class LayerwiseKD(Method):
             return cfg.lambda_kl * kl + cfg.lambda_layer * layer
 
         trainables = torch.nn.ModuleDict({"student": model, "projectors": projectors})
+        data = cache.tokens()
         try:
-            fit(trainables, cache.tokens(), loss_fn, cfg, ctx.out_dir, ctx.seed, "layerwise_kd",
-                fingerprint={"pairs": pairs})
+            curve = fit(trainables, data, loss_fn, cfg, ctx.out_dir, ctx.seed, "layerwise_kd",
+                        fingerprint={"pairs": pairs})
         finally:  # the hooks keep the last step's graph alive and would fire in any later forward
             for h in handles:
                 h.remove()
             store.clear()
         stats = {
             "trainable_params": trainable_parameters(trainables),
+            "budget": fit_budget(data, cfg, curve),
             "projector_params": sum(p.numel() for p in projectors.parameters()),
             "pairs": pairs,
             "config": asdict(cfg),

@@ -1,11 +1,14 @@
 """LoRA-SFT: the student fine-tuned on the train split's gold answers, no teacher at all.
 
-The control row of every table: a transfer method has moved teacher knowledge only where it beats this row,
-which sees the same data, epochs and trainable budget (SemAlign v1 Table 5 protocol: LoRA r=16 on up/down/v/o).
+The control row of Seeking (its post-injection SFT without the injected teacher factors): its defaults are
+Seeking's SFT settings (upstream train.sh: 3 epochs, linear schedule with 3% warmup, LoRA r = alpha = 16 on every
+projection, the embeddings and the head), and :class:`baselines.seeking.SeekingConfig` extends this config, so the
+two cannot drift apart: Seeking minus LoRA-SFT is what the injected teacher knowledge adds. The workflow checks at
+DAG start that a profile sets the two alike (:mod:`semalign.suite.fairness`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,12 +16,23 @@ import torch
 from semalign.suite.lora import prepare_trainable, trainable_parameters
 from semalign.suite.objectives import sft_loss
 from semalign.suite.registry import Method, TransferContext, register_method
-from semalign.suite.train import TrainConfig, fit
+from semalign.suite.train import TrainConfig, fit, fit_budget
+
+
+@dataclass
+class LoRASFTConfig(TrainConfig):
+    """Seeking's SFT (upstream ParaKnowTransfer train.sh)."""
+
+    epochs: int = 3
+    schedule: str = "linear"
+    warmup_ratio: float = 0.03
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"])
 
 
 @register_method("lora_sft")
 class LoRASFT(Method):
-    config_cls = TrainConfig
+    config_cls = LoRASFTConfig
 
     def run(self, ctx: TransferContext) -> Path:
         cfg, _, model, tokenizer = self.begin(ctx)
@@ -27,6 +41,8 @@ class LoRASFT(Method):
         def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
             return sft_loss(model, b)
 
-        fit(model, self.split(ctx, tokenizer, "train"), loss_fn, cfg, ctx.out_dir, ctx.seed, "lora_sft")
-        stats = {"trainable_params": trainable_parameters(model), "config": asdict(cfg), "teacher_forwards": 0}
+        train = self.split(ctx, tokenizer, "train")
+        curve = fit(model, train, loss_fn, cfg, ctx.out_dir, ctx.seed, "lora_sft")
+        stats = {"trainable_params": trainable_parameters(model), "budget": fit_budget(train, cfg, curve),
+                 "config": asdict(cfg), "teacher_forwards": 0}
         return self.save(ctx, model, tokenizer, stats)

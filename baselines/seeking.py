@@ -19,7 +19,8 @@ Where this differs from the upstream code (maszhongming/ParaKnowTransfer), on pu
 - A student with tied input/output embeddings is untied when either is a target: a LoRA delta on a shared matrix
   cannot be subtracted from the base once and still start both uses at the student (peft's
   ``ensure_weight_tying`` merges the shared delta twice). Both get their own LoRA, as in upstream's untied
-  Llama-2; the saved model therefore has a separate output head (V·d more parameters).
+  Llama-2; the saved model therefore has a separate output head (V·d more parameters). LoRA-SFT, its control,
+  does the same (:func:`semalign.suite.lora.untie_targeted_embeddings`).
 - The teacher's factors are cached beside the training checkpoint, so a resumed run sees the same base weights
   and skips the teacher.
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +37,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from baselines.lora_sft import LoRASFTConfig
 from semalign.suite.io import atomic_torch_save, write_csv
-from semalign.suite.lora import apply_lora, trainable_parameters
+from semalign.suite.lora import apply_lora, trainable_parameters, untie_targeted_embeddings
 from semalign.suite.models import decoder_layers, load_model
 from semalign.suite.objectives import sft_loss
 from semalign.suite.registry import Method, TransferContext, register_method
-from semalign.suite.train import TrainConfig, checkpoint_dir, fit, trim
+from semalign.suite.train import checkpoint_dir, fit, fit_budget, trim
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # decoder layer index in a parameter / module name
 SPLITS = ("extract", "align", "train")
 
 
 @dataclass
-class SeekingConfig(TrainConfig):
-    """Upstream train.sh / extract_lora.sh. ``lora_r`` is also the SVD rank of the extracted factors."""
+class SeekingConfig(LoRASFTConfig):
+    """Upstream train.sh / extract_lora.sh: the SFT settings are LoRA-SFT's (its control row, :mod:`lora_sft`).
+    ``lora_r`` is also the SVD rank of the extracted factors."""
 
-    epochs: int = 3
-    schedule: str = "linear"
-    warmup_ratio: float = 0.03
-    lora_targets: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"])
     seed_split: str = "extract"  # the sensitivity ("seed") examples
     sensitivity_device: str | None = None  # where the fp32 accumulators live; None = with each parameter
 
@@ -212,23 +210,12 @@ def extract_factors(
     return factors
 
 
-def untie_embeddings(model: nn.Module) -> None:
-    """Give the output head its own copy of a tied embedding matrix (see the module docstring)."""
-    head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    model.config.tie_word_embeddings = False
-
-
 def inject(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: SeekingConfig) -> nn.Module:
     """Wrap ``model`` with LoRA on ``cfg.lora_targets``, start every adapter at its extracted (A, B) and subtract
     its delta from the base weight, so the wrapped model computes the same function as ``model``."""
     from peft.tuners.lora import Embedding, LoraLayer
 
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    shared = [n for n, m in model.named_modules() if m is emb or m is head]
-    if head.weight is emb.weight and any(is_target(n, cfg.lora_targets) for n in shared):
-        untie_embeddings(model)
+    untie_targeted_embeddings(model, cfg.lora_targets)
     model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     wrapped = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
     if set(wrapped) != set(factors):
@@ -292,9 +279,11 @@ class Seeking(Method):
         def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
             return sft_loss(model, b)
 
-        fit(model, self.split(ctx, tokenizer, "train"), loss_fn, cfg, ctx.out_dir, ctx.seed, "seeking", fingerprint=pair)
+        train = self.split(ctx, tokenizer, "train")
+        curve = fit(model, train, loss_fn, cfg, ctx.out_dir, ctx.seed, "seeking", fingerprint=pair)
         stats = {
             "trainable_params": trainable_parameters(model),
+            "budget": fit_budget(train, cfg, curve),
             "config": asdict(cfg),
             "teacher_forwards": ext["n_seed"],  # one forward + backward per seed example
             "selected_layers": [l + 1 for l in selected],  # 1-based teacher layers; the j-th feeds student layer j

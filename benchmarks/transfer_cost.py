@@ -70,7 +70,7 @@ def run_all(smk) -> None:
     records = []
     for method, inputs in p.inputs.items():
         spec = {"method": method, "task": p.task, "inputs": inputs, "out_dir": str(work / method),
-                "params": p.method_params.get(method, {}), "seed": p.seed, "device": device,
+                "params": p.method_params[method], "seed": p.seed, "device": device,
                 "max_len": p.max_len, "train_on_inputs": p.train_on_inputs}
         spec_file = work / method / "spec.json"
         shutil.rmtree(spec_file.parent, ignore_errors=True)  # a re-run must train, not resume from its checkpoints

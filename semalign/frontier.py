@@ -12,13 +12,18 @@ Stage k, for each student layer k listed in the pairing (increasing):
    complete stage (recomputing the prefix from the embeddings once) and ends bit-identical to an uninterrupted
    run on CPU: all randomness of stage k is seeded by (seed, k).
 
-Choices where the paper is silent (documented in :class:`SemAlignConfig`): per-stage epochs, fresh AdamW per
-stage, layer losses over all real tokens (the teacher saw the same tokens), the output term over answer tokens,
+Budget (:func:`stage_batches`): by default (``budget: kd_steps``) the whole schedule takes KD's optimizer steps,
+epochs x ceil(N / batch_size), on KD's batches in KD's order, cut into consecutive runs, one per stage (the first
+``steps % stages`` stages take one step more); ``budget: epochs_per_stage`` (the paper's reading, a variant row)
+gives every stage ``epochs`` full passes, about L_S times KD's steps.
+
+Choices where the paper is silent (documented in :class:`SemAlignConfig`): the budget, fresh AdamW per stage, layer losses over all real tokens (the teacher saw the same tokens), the output term over answer tokens,
 and the teacher target mapped linearly (M x); eq. 1's per-token 1/||h_T|| is immaterial for v1 (cosine) and
 ACL (read out through RMSNorm), and would distort v2's centring, so we do not apply it.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +44,7 @@ from semalign.suite.objectives import shift_mask
 from semalign.suite.train import batches, check_finite, checkpoint_dir, set_seed, trim
 
 CURVE_FIELDS = ["stage", "step", "layer_loss", "kl", "total"]
+BUDGETS = ("kd_steps", "epochs_per_stage")
 
 
 @dataclass
@@ -52,7 +58,8 @@ class SemAlignConfig:
     recompose: str = "semantic"  # "semantic" = fixed VDS map M | "projector" = learned linear map (ablation)
     fold_final_norm: bool = True  # bases of W_head diag(γ), the lens the model reads through (semalign.bases)
     trainable: str = "lora"  # "lora" (paper: r=16 on up/down/v/o) | "full" (all of layer k)
-    epochs: int = 5  # paper: 5 (HumanEval 3); ours: per frontier stage (the paper does not say)
+    budget: str = "kd_steps"  # "kd_steps": epochs x ceil(N/batch) steps in all, over the stages | "epochs_per_stage"
+    epochs: int = 5  # paper: 5 (HumanEval 3); whole schedule (kd_steps) or per frontier stage (epochs_per_stage)
     lr: float = 3e-4  # paper: 3e-4 (HumanEval 3e-5)
     batch_size: int = 64  # paper: 64; capped at the number of training rows
     micro_batch_size: int = 8  # gradient accumulation: memory only, same result
@@ -73,6 +80,7 @@ class SemAlignConfig:
                   "interface": (self.interface, lambda: (None, *get_loss(self.loss).interfaces)),
                   "recompose": (self.recompose, ("semantic", "projector")),
                   "trainable": (self.trainable, ("lora", "full")),
+                  "budget": (self.budget, BUDGETS),
                   "pairing": (self.pairing, STRATEGIES),
                   "attribution": (self.attribution, ATTRIBUTION_METHODS)}
         for key, (value, allowed) in checks.items():
@@ -91,6 +99,28 @@ class SemAlignConfig:
     def fingerprint(self) -> dict:
         """What a checkpoint must agree on to be resumed (stop_after_stage may differ)."""
         return {k: v for k, v in asdict(self).items() if k != "stop_after_stage"}
+
+
+def stage_batches(n: int, cfg: SemAlignConfig, n_stages: int, seed: int) -> list[list[torch.Tensor]]:
+    """The index batches of each stage, a function of (n, cfg, seed) alone, so a resumed run sees the same ones.
+
+    ``kd_steps``: KD's stream (``batches(n, bs, seed, epoch)`` for epoch 0..epochs-1, as :func:`fit` draws it) cut
+    into ``n_stages`` consecutive runs whose lengths differ by at most one, the first ``steps % n_stages`` stages
+    taking the extra step: every example is seen ``epochs`` times in all, as in KD. With fewer steps than stages the
+    last stages get none (a warning says so). ``epochs_per_stage``: stage i takes epochs i*epochs..(i+1)*epochs-1."""
+    bs = min(cfg.batch_size, n)
+    if cfg.budget == "epochs_per_stage":
+        return [[b for e in range(i * cfg.epochs, (i + 1) * cfg.epochs) for b in batches(n, bs, seed, e)]
+                for i in range(n_stages)]
+    stream = [b for e in range(cfg.epochs) for b in batches(n, bs, seed, e)]
+    base, extra = divmod(len(stream), n_stages)
+    if base == 0:
+        warnings.warn(f"semalign budget kd_steps: {len(stream)} optimizer steps for {n_stages} stages; the last "
+                      f"{n_stages - extra} stages train no step", stacklevel=2)
+    bounds = [0]
+    for i in range(n_stages):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return [stream[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 class StageLimitReached(RuntimeError):
@@ -219,8 +249,10 @@ def train_frontier(
                             for i in range(0, n, cfg.prefix_chunk)])
     cur = 0  # h_prev is the residual stream after layer `cur`; each stage brings it up to date lazily
 
-    bs = min(cfg.batch_size, n)
-    for k in stages[len(done):]:
+    schedule = stage_batches(n, cfg, len(stages), seed)
+    for i, k in enumerate(stages):
+        if k in done:
+            continue
         set_seed(seed * 1000 + k)  # LoRA init, projector init, dropout: independent of resumption
         h_prev = prefix_forward(model, h_prev, cur + 1, k - 1, data["attention_mask"], cfg.prefix_chunk)
         cur = k - 1
@@ -242,28 +274,24 @@ def train_frontier(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         model.train()
         stage_rows: list[dict] = []
-        step = 0
-        for epoch in range(cfg.epochs):
-            bar = tqdm(batches(n, bs, seed, (k - 1) * cfg.epochs + epoch),
-                       desc=f"semalign stage {k}/{L_S} epoch {epoch + 1}/{cfg.epochs}", leave=False)
-            for idx in bar:
-                opt.zero_grad(set_to_none=True)
-                logged = {"layer_loss": 0.0, "kl": 0.0, "total": 0.0}
-                for micro in idx.split(cfg.micro_batch_size):
-                    b = {key: v.to(dev) for key, v in trim({key: t[micro] for key, t in data.items()}).items()}
-                    T = b["input_ids"].shape[1]
-                    x = h_prev[micro, :T].to(dev)
-                    h = run_layers(model, x, k, k, b["attention_mask"])
-                    terms = stage.loss(micro, b, x, h)
-                    total = cfg.lambda_layer * terms.layer + cfg.lambda_kl * terms.output
-                    check_finite(total, f"semalign stage {k} epoch {epoch + 1} step {step}")
-                    (total * len(micro) / len(idx)).backward()
-                    for key, v in zip(("layer_loss", "kl", "total"), (terms.layer, terms.output, total)):
-                        logged[key] += v.item() * len(micro) / len(idx)
-                opt.step()
-                stage_rows.append({"stage": k, "step": step, **logged})
-                bar.set_postfix(loss=f"{logged['total']:.4f}")
-                step += 1
+        bar = tqdm(schedule[i], desc=f"semalign stage {k}/{L_S} ({len(schedule[i])} steps)", leave=False)
+        for step, idx in enumerate(bar):
+            opt.zero_grad(set_to_none=True)
+            logged = {"layer_loss": 0.0, "kl": 0.0, "total": 0.0}
+            for micro in idx.split(cfg.micro_batch_size):
+                b = {key: v.to(dev) for key, v in trim({key: t[micro] for key, t in data.items()}).items()}
+                T = b["input_ids"].shape[1]
+                x = h_prev[micro, :T].to(dev)
+                h = run_layers(model, x, k, k, b["attention_mask"])
+                terms = stage.loss(micro, b, x, h)
+                total = cfg.lambda_layer * terms.layer + cfg.lambda_kl * terms.output
+                check_finite(total, f"semalign stage {k} step {step}")
+                (total * len(micro) / len(idx)).backward()
+                for key, v in zip(("layer_loss", "kl", "total"), (terms.layer, terms.output, total)):
+                    logged[key] += v.item() * len(micro) / len(idx)
+            opt.step()
+            stage_rows.append({"stage": k, "step": step, **logged})
+            bar.set_postfix(loss=f"{logged['total']:.4f}")
         if peft_model is not None:
             model = peft_model.merge_and_unload()
         model.requires_grad_(False)

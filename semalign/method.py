@@ -16,10 +16,11 @@ from typing import ClassVar
 import torch
 
 from semalign.bases import pair_map
-from semalign.frontier import SemAlignConfig, stage_trainable_params, train_frontier
+from semalign.frontier import SemAlignConfig, stage_batches, stage_trainable_params, train_frontier
 from semalign.pairing import reads_attribution
 from semalign.suite.ids import PairingName
 from semalign.suite.registry import Artifact, Method, TeacherCache, TransferContext, register_method
+from semalign.suite.train import spent
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,13 @@ class SemAlign(Method):
             else:
                 m, _ = pair_map(ctx.teacher, ctx.student, cfg.fold_final_norm, device=ctx.device)
         model = train_frontier(model, cache, pairing, cfg, ctx.out_dir, ctx.seed, m)
+        stages = [p["student"] for p in pairing["pairs"]]
+        schedule = stage_batches(len(cache), cfg, len(stages), ctx.seed)  # the batches train_frontier ran
         stats = {
             "trainable_params": stage_trainable_params(model, cfg),  # per stage: one layer's worth at a time
-            "stages": [p["student"] for p in pairing["pairs"]],
+            "budget": spent(len(cache), sum(len(b) for s in schedule for b in s), sum(map(len, schedule))),
+            "stage_steps": dict(zip(stages, map(len, schedule))),
+            "stages": stages,
             "pairing_strategy": pairing["strategy"],
             "config": asdict(cfg),
             "teacher_forwards": 0,  # all teacher signals come from the shared cache

@@ -40,8 +40,11 @@ def test_lora_sft_lowers_train_ce_without_teacher(tiny_pair, splits, tmp_path):
     out = get_method("lora_sft").run(ctx)
     assert _train_ce(out, splits) < _train_ce(tiny_pair[1], splits) - 0.1
     stats = json.loads((ctx.out_dir / "train_stats.json").read_text())
-    # r (in + out) for up/down/v/o of 2 layers: up 32->64, down 64->32, v 32->16, o 32->32, r=16
-    assert stats["trainable_params"] == 2 * 16 * ((32 + 64) * 2 + (32 + 16) + (32 + 32))
+    # Seeking's targets, r=16: r (in + out) per projection of 2 layers (q 32->32, k/v 32->16, o 32->32, gate/up
+    # 32->64, down 64->32), plus the embedding (r (V + d)) and the head (r (d + V)), V = 49152 (SmolLM2)
+    layer = (32 + 32) + 2 * (32 + 16) + (32 + 32) + 3 * (32 + 64)
+    assert stats["trainable_params"] == 16 * (2 * layer + 2 * (49152 + 32))
+    assert stats["budget"] == {"examples": 6, "epochs": 3.0, "optimizer_steps": 6}
     assert (ctx.out_dir / "loss_curve.csv").read_text().count("\n") == 1 + 3 * 2
 
 
@@ -114,3 +117,26 @@ def test_empty_split_is_named_before_training(tiny_pair, tmp_path):
     ctx = _ctx(tiny_pair, tmp_path, tmp_path / "sft", {})
     with pytest.raises(ValueError, match=r"train.jsonl is empty"):
         get_method("lora_sft").run(ctx)
+
+
+def test_lora_on_tied_embeddings_merges_what_it_trained():
+    """Regression: LoRA on both uses of a tied embedding merged both deltas into the one shared matrix, so the saved
+    model's embedding carried the head's delta and vice versa; prepare_trainable now unties them first."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from baselines.lora_sft import LoRASFTConfig
+    from semalign.suite.lora import prepare_trainable
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    peft_model = prepare_trainable(model, LoRASFTConfig()).eval()  # eval: no LoRA dropout
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)  # a trained adapter: both B and A nonzero
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        trained = peft_model(ids).logits
+        merged = peft_model.merge_and_unload()(ids).logits
+    assert torch.allclose(trained, merged, atol=1e-5)

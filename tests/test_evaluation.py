@@ -75,8 +75,13 @@ def test_oracle_scores_one_and_zero(task, test_files):
     right = evaluate_model("oracle", task, test_files[task], allow_code_execution=True, model=Oracle(right=True))
     wrong = evaluate_model("oracle", task, test_files[task], allow_code_execution=True, model=Oracle(right=False))
     metric = "pass@1" if task in CODE_TASKS else "acc"
+    items = right.pop("items")
     assert right == {"task": task, "metric": metric, "score": 1.0, "nll": 0.0, "n": N_TEST, "model": "oracle"}
     assert wrong["score"] == 0.0 and wrong["nll"] == 10.0 and wrong["n"] == N_TEST
+    # per item, in test-file order, under the record's own id: what the paired tests read
+    ids = [str(r.get("id", r.get("task_id"))) for r in io.read_jsonl(test_files[task])]
+    assert items == [{"id": i, "score": 1.0, "nll": 0.0} for i in ids]
+    assert wrong["items"] == [{"id": i, "score": 0.0, "nll": 10.0} for i in ids]
 
 
 @needs_data
@@ -146,3 +151,4 @@ def test_tiny_hf_model_end_to_end(task, tiny_model_dir, test_files):
                          max_gen_toks=4, device="cpu", limit=2)
     assert res["task"] == task and res["n"] == 2 and res["model"] == str(tiny_model_dir)
     assert 0.0 <= res["score"] <= 1.0 and math.isfinite(res["nll"]) and res["nll"] > 0
+    assert len(res["items"]) == 2 and sum(i["nll"] for i in res["items"]) / 2 == pytest.approx(res["nll"])

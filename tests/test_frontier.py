@@ -12,6 +12,7 @@ from semalign.frontier import (
     StageLimitReached,
     prefix_forward,
     run_layers,
+    stage_batches,
     stage_trainable_params,
     train_frontier,
 )
@@ -155,10 +156,12 @@ def test_resume_equals_uninterrupted(setup, tmp_path, trainable):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     rows = list(csv.DictReader(open(tmp_path / "resumed/loss_curve.csv")))
     assert (tmp_path / "straight/loss_curve.csv").read_text() == (tmp_path / "resumed/loss_curve.csv").read_text()
-    assert [int(r["stage"]) for r in rows] == [1] * 4 + [2] * 4  # 5 rows / batch 4 = 2 steps x 2 epochs per stage
+    # KD's budget: 5 rows / batch 4 = 2 steps x 2 epochs = 4 steps, 2 per stage
+    assert [int(r["stage"]) for r in rows] == [1] * 2 + [2] * 2
     assert all(float(r["layer_loss"]) >= 0 and float(r["kl"]) >= 0 for r in rows)
     stats = json.loads((tmp_path / "straight/train_stats.json").read_text())
     assert stats["stages"] == [1, 2] and stats["trainable_params"] > 0
+    assert stats["budget"] == {"examples": 5, "epochs": 2.0, "optimizer_steps": 4}
     # Regression: a changed config starts fresh in its own checkpoint dir instead of resuming stale stages.
     changed = SemAlign().run(ctx("resumed", lr=0.5))
     assert len(list((tmp_path / "resumed/ckpt").glob("*/stage_2.pt"))) == 2
@@ -172,7 +175,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path, trainable):
 ])
 def test_every_variant_trains_layer_loss_down(setup, tmp_path, params):
     # full batch (5 rows): every step sees the same data, so first vs last step compares the same objective
-    _, model = _run_direct(setup, tmp_path, **{**params, "epochs": 4, "batch_size": 5, "micro_batch_size": 5})
+    # 8 epochs x 1 step at KD's budget: 4 steps per stage
+    _, model = _run_direct(setup, tmp_path, **{**params, "epochs": 8, "batch_size": 5, "micro_batch_size": 5})
     rows = list(csv.DictReader(open(tmp_path / "loss_curve.csv")))
     assert [(int(r["stage"]), int(r["step"])) for r in rows] == [(k, s) for k in (1, 2) for s in range(4)]
     for k in ("1", "2"):
@@ -237,3 +241,55 @@ def test_missing_teacher_layers_is_a_clear_error(setup, tmp_path):
     with pytest.raises(ValueError, match=r"lacks layers \[4\]"):
         train_frontier(model, cache, pair_layers(4, 2, "depth_ratio"), SemAlignConfig(**FAST), tmp_path, 0,
                        torch.load(cache_path.parent / "map.pt"))
+
+
+def _count_steps(monkeypatch) -> list[int]:
+    """Every AdamW.step call from now on appends to the returned list (the optimizer both trainers use)."""
+    calls: list[int] = []
+    step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    return calls
+
+
+@pytest.mark.parametrize("budget, per_stage", [("kd_steps", [2, 1]), ("epochs_per_stage", [3, 3])])
+def test_semalign_takes_kds_optimizer_steps(setup, tmp_path, monkeypatch, budget, per_stage):
+    """5 rows, batch 2, 1 epoch: KD takes ceil(5/2) = 3 steps; SemAlign at KD's budget takes 3 over its 2 stages
+    (2 + 1: the first stage takes the remainder), at the paper's epochs per stage 3 per stage."""
+    from semalign.suite.train import TrainConfig, fit
+
+    params = {"epochs": 1, "batch_size": 2, "micro_batch_size": 2}
+    calls = _count_steps(monkeypatch)
+    cache = TeacherCache.load(setup[2])
+    module = torch.nn.Linear(1, 1)
+    fit(module, cache.tokens(), lambda rows, b: module(b["input_ids"][:, :1].float()).mean(),
+        TrainConfig(trainable="full", **params), tmp_path / "kd", seed=7, tag="kd")
+    kd_steps = len(calls)
+    calls.clear()
+    _run_direct(setup, tmp_path / "semalign", budget=budget, **params)
+    rows = list(csv.DictReader(open(tmp_path / "semalign" / "loss_curve.csv")))
+    assert kd_steps == 3
+    assert len(calls) == sum(per_stage) and [sum(r["stage"] == str(k) for r in rows) for k in (1, 2)] == per_stage
+    if budget == "kd_steps":
+        assert len(calls) == kd_steps
+
+
+def test_stage_batches_cut_kds_stream():
+    """kd_steps: KD's batches, in KD's order, cut into consecutive runs (10 rows, batch 3: 4 steps x 2 epochs = 8
+    over 3 stages = 3, 3, 2); epochs_per_stage: each stage its own full epochs."""
+    from semalign.suite.train import batches
+
+    cfg = SemAlignConfig(epochs=2, batch_size=3)
+    runs = stage_batches(10, cfg, 3, seed=5)
+    assert [len(r) for r in runs] == [3, 3, 2]
+    kd = [b for e in range(2) for b in batches(10, 3, 5, e)]
+    assert all(torch.equal(a, b) for a, b in zip([b for r in runs for b in r], kd, strict=True))
+    per_stage = stage_batches(10, SemAlignConfig(epochs=2, batch_size=3, budget="epochs_per_stage"), 3, seed=5)
+    assert [len(r) for r in per_stage] == [8, 8, 8]
+    assert torch.equal(per_stage[1][0], batches(10, 3, 5, 2)[0])  # stage 2 starts at the stream's third epoch
+    with pytest.warns(UserWarning, match="last 2 stages train no step"):
+        assert [len(r) for r in stage_batches(4, SemAlignConfig(epochs=1, batch_size=4), 3, seed=0)] == [1, 0, 0]

@@ -45,9 +45,29 @@ def test_cost_table_leaves_resumed_runs_out_of_the_timing():
 
 
 def test_hparam_table_marks_missing_parameters():
-    t = hparam_table({"kd": {"lr": 0.001, "temperature": 1.0}, "laten": {"lr": 3e-4, "steps": 4}}).set_index("parameter")
+    t = hparam_table({"kd": {"gsm8k": {"lr": 0.001, "temperature": 1.0}},
+                      "laten": {"gsm8k": {"lr": 3e-4, "steps": 4}}}).set_index("parameter")
     assert list(t.columns) == ["kd", "laten"]
     assert t.loc["lr", "kd"] == "0.001" and t.loc["steps", "kd"] == "–" and t.loc["temperature", "laten"] == "–"
+
+
+def test_hparam_table_splits_a_method_by_its_per_task_settings():
+    """LaTen's Table 4 steps differ per task: one column per distinct config, headed by its tasks."""
+    laten = {"mmlu": {"steps": 2}, "gsm8k": {"steps": 4}, "humaneval": {"steps": 4}}
+    t = hparam_table({"kd": {"mmlu": {"epochs": 5}, "gsm8k": {"epochs": 5}}, "laten": laten}).set_index("parameter")
+    assert list(t.columns) == ["kd", "laten (MMLU)", "laten (GSM8K, HumanEval)"]
+    assert t.loc["steps", "laten (MMLU)"] == "2" and t.loc["steps", "laten (GSM8K, HumanEval)"] == "4"
+
+
+def test_cost_table_states_the_budget_each_method_spent():
+    budget = {"kd": {"examples": 10, "epochs": 2.0, "optimizer_steps": 6},
+              "semalign": {"examples": 10, "epochs": 2.0, "optimizer_steps": 6}}
+    records = [{**_record(m, 0, 10.0, True), "budget": b} for m, b in budget.items()]
+    records.append(_record("old", 0, 10.0, False))  # a record from before budgets were kept: unknown, not 0
+    t = cost_table(records, RUNS).set_index("method")
+    assert t.loc["semalign", ["examples", "epochs", "optimizer steps"]].tolist() == [10, 2.0, 6]
+    assert t.loc["kd", "optimizer steps"] == t.loc["semalign", "optimizer steps"]
+    assert t.loc[["old"], ["examples", "epochs", "optimizer steps"]].isna().all(axis=None)
 
 
 def test_figures_render(tmp_path):
@@ -69,6 +89,63 @@ def test_figures_render(tmp_path):
     cka_figure(cka, cka, tmp_path / "cka", after_label="semalign", title="CKA: p / humaneval")
     for stem in ("abl", "cg", "cka"):
         assert (tmp_path / f"{stem}.png").stat().st_size > 5_000 and (tmp_path / f"{stem}.pdf").exists()
+
+
+def _drawn_main_figure(monkeypatch, tmp_path, **kwargs):
+    """main_figure's figure, kept open: (score axes, NLL axes)."""
+    import pandas as pd
+
+    from semalign.suite import figures
+
+    kept = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, stem: kept.setdefault("fig", fig))
+    summary = pd.DataFrame([
+        {"pair": "p", "method": m, "task": "gsm8k", "score": s, "score_ci95": 0.01, "nll": n, "nll_ci95": 0.1}
+        for m, s, n in [("teacher", 0.9, 1.0), ("none", 0.2, 5.0), ("kd", 0.3, 4.0), ("semalign", 0.25, 4.5)]])
+    figures.main_figure(summary, ["teacher", "none", "kd", "semalign"], ["gsm8k"], tmp_path / "main", **kwargs)
+    return kept["fig"].axes[:2]
+
+
+def test_main_figure_shows_changes_vs_the_student_with_significance_marks(monkeypatch, tmp_path):
+    import pandas as pd
+    from matplotlib.collections import PathCollection
+
+    from semalign.suite.paper import Reported
+
+    tests = pd.DataFrame([
+        {"pair": "p", "task": "gsm8k", "method": "kd", "baseline": "none", "quantity": "nll", "significant": True},
+        {"pair": "p", "task": "gsm8k", "method": "semalign", "baseline": "kd", "quantity": "score", "significant": True},
+        {"pair": "p", "task": "gsm8k", "method": "semalign", "baseline": "none", "quantity": "nll", "significant": False},
+    ])
+    paper = Reported({"p": pd.Series({("kd", "gsm8k"): 31.0, ("none", "gsm8k"): 21.0})}, "paper reported")
+    score, nll = _drawn_main_figure(monkeypatch, tmp_path, tests=tests, paper=paper)
+    # kd, semalign only (the student is the zero line, the teacher stays in the table): score in points, NLL in nats
+    assert [round(b.get_height(), 6) for b in score.patches] == [10.0, 5.0]
+    assert [round(b.get_height(), 6) for b in nll.patches] == [-1.0, -0.5]
+    assert [t.get_text() for t in nll.texts] == ["*"] and [t.get_text() for t in score.texts] == ["†"]
+    markers = [c for c in score.collections if isinstance(c, PathCollection)]
+    assert [float(m.get_offsets()[0][1]) for m in markers][:1] == [10.0]  # the paper's kd - student, 31 - 21
+    proxy = Reported(paper.by_pair, "paper (Table 1's setting)", proxy=True)
+    score, _ = _drawn_main_figure(monkeypatch, tmp_path, paper=proxy)
+    assert not [c for c in score.collections if isinstance(c, PathCollection)]  # not the paper's pair: no markers
+    assert not score.texts  # no tests, no marks
+
+
+def test_main_table_p_value_columns():
+    import pandas as pd
+
+    from semalign.suite.tables import main_table
+
+    summary = pd.DataFrame([{"pair": "p", "method": m, "task": "gsm8k", "metric": "acc", "score": 0.2,
+                             "score_ci95": 0.0, "nll": 5.0, "nll_ci95": 0.0, "seeds": 1, "n_items": 8}
+                            for m in ("none", "kd", "semalign")])
+    tests = pd.DataFrame([
+        {"pair": "p", "task": "gsm8k", "method": "semalign", "baseline": b, "quantity": q, "p_holm": p}
+        for b, q, p in [("none", "score", 0.5), ("none", "nll", 0.0004), ("kd", "score", 1.0), ("kd", "nll", 0.03)]])
+    t = main_table(summary, ["none", "kd", "semalign"], ["gsm8k"], tests=tests).set_index("method")
+    cols = ["GSM8K p acc vs student", "GSM8K p NLL vs student", "GSM8K p acc vs KD", "GSM8K p NLL vs KD"]
+    assert t.loc["semalign", cols].tolist() == ["0.500", "<0.001*", "1.000", "0.030*"]
+    assert t.loc["kd", cols].tolist() == ["–"] * 4  # no test given for kd here; none is the baseline itself
 
 
 # --- the paper's reported numbers beside ours -------------------------------------------------------------------

@@ -127,6 +127,9 @@ def test_mini_plans_cka_analysis_and_pairing(tmp_path):
     pair = "smollm2-135m_to_mini"
     assert f"Transfer semalign@pairing=cka: {pair} / gsm8k / seed 0" in out
     assert "Evaluating semalign@pairing=cka on gsm8k" in out
+    # the paper's epochs per stage: a labelled row beside the main one (KD's optimizer steps), README "Fairness protocol"
+    assert f"Transfer semalign@budget=epochs_per_stage: {pair} / gsm8k / seed 0" in out
+    assert "results/mini/tables/ablation_semalign__budget.md" in out
     assert f"CKA of the none student with the teacher and itself: {pair} / gsm8k" in out  # the pairing's input
     assert f"results/mini/cka/{pair}/gsm8k/none.csv" in out and f"results/mini/pairing/{pair}/gsm8k/cka.json" in out
     assert f"CKA of the semalign student with the teacher and itself: {pair} / humaneval" in out
@@ -158,6 +161,12 @@ def test_slurm_profile_names_only_real_rules(tmp_path):
         (lambda c: c["ablations"]["methods"]["semalign"].update(lossy=["v1"]), "lossy"),
         (lambda c: c["ablations"]["methods"]["semalign"].update(loss=["v9"]), "v9"),
         (lambda c: c["method_params"]["kd"].update(epochz=2), "epochz"),
+        (lambda c: c["method_params"]["laten"].update(tasks={"hellaswag": {"steps": 2}}), "hellaswag"),
+        (lambda c: c["method_params"]["kd"].update(tasks={"gsm8k": {"epochz": 2}}), "epochz"),
+        (lambda c: c["method_params"]["lora_sft"].update(tasks={"mbpp": {"epochs": 2}}), "lora_sft is seeking's control"),
+        (lambda c: c["method_params"]["semalign"].update(epochs=2), "KD's optimizer steps"),
+        (lambda c: c["ablations"]["methods"]["semalign"].update(lr=[0.1])
+         or c["method_params"]["semalign"].update(tasks={"gsm8k": {"lr": 0.01}}), "also sets"),
         (lambda c: c.update(report={"finetuned_teachers": ["tiny", "ghost_pair"]}), "ghost_pair"),
         (lambda c: c.setdefault("analysis", {}).update(cka_method="none"), "cka_method"),
         (lambda c: c.setdefault("analysis", {}).update(cka_tasks=["humaneval", "hellaswag"]), "hellaswag"),

@@ -1,7 +1,8 @@
 """The one evaluation entry: our task YAMLs (semalign/suite/tasks) on a make_splits test.jsonl through lm_eval.simple_evaluate.
 
 Each call scores the task's main metric and its gold-answer NLL companion in a single simple_evaluate run, so the
-model is loaded once and both numbers come from the same prompts.
+model is loaded once and both numbers come from the same prompts. Per test item it keeps the id, the score and the
+NLL (lm-eval's logged samples), which the paired significance tests read (:mod:`semalign.suite.stats`).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def _has_chat_template(lm: Any) -> bool:
 def evaluate_model(model_dir: Path, task: str, test_file: Path, *, allow_code_execution: bool, batch_size: int = 8,
                    max_gen_toks: int = 256, device: str | None = None, chat_template: bool | None = None,
                    limit: int | None = None, model=None) -> dict:
-    """Score one model on one task; returns {"task", "metric", "score", "nll", "n", "model"}.
+    """Score one model on one task; returns {"task", "metric", "score", "nll", "n", "model", "items"}, ``items``
+    one {"id", "score", "nll"} per test item in test-file order (id: the record's ``id``/``task_id``, else its row).
 
     chat_template=None means: use the tokenizer's chat template when it has one (the paper evaluates chat models in
     chat format). `model` is an lm-eval LM to use instead of loading `model_dir` (tests pass a scripted oracle).
@@ -69,11 +71,22 @@ def evaluate_model(model_dir: Path, task: str, test_file: Path, *, allow_code_ex
     out = simple_evaluate(
         model=model, tasks=cfgs, task_manager=TaskManager(include_defaults=False), batch_size=batch_size,
         limit=limit, apply_chat_template=chat, confirm_run_unsafe_code=allow_code_execution,
-        log_samples=False, bootstrap_iters=0)
+        log_samples=True, bootstrap_iters=0)
     main, nll = (out["results"][c["task"]] for c in cfgs)
     metric = METRICS[task]
     result = {"task": task, "metric": metric, "score": float(main[f"{metric},none"]), "nll": float(nll["nll,none"]),
-              "n": int(out["n-samples"][cfgs[0]["task"]]["effective"]), "model": str(model_dir)}
+              "n": int(out["n-samples"][cfgs[0]["task"]]["effective"]), "model": str(model_dir),
+              "items": item_records(out["samples"][cfgs[0]["task"]], out["samples"][cfgs[1]["task"]], metric)}
     if not math.isfinite(result["nll"]):
         raise ValueError(f"{task}: non-finite gold NLL for {model_dir}")
     return result
+
+
+def item_records(main: list[dict], nll: list[dict], metric: str) -> list[dict[str, Any]]:
+    """Per test item of lm-eval's logged samples (main task and NLL companion, matched on doc_id): its id, score
+    and gold-answer NLL. The item means are the task's numbers, so the records cannot drift from them."""
+    nll_of = {s["doc_id"]: float(s["nll"]) for s in nll}
+    if set(nll_of) != {s["doc_id"] for s in main}:
+        raise ValueError("evaluation: the main task and its NLL companion scored different items")
+    return [{"id": str(s["doc"].get("id", s["doc"].get("task_id", s["doc_id"]))), "score": float(s[metric]),
+             "nll": nll_of[s["doc_id"]]} for s in sorted(main, key=lambda s: s["doc_id"])]

@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from semalign.suite.io import atomic_path  # noqa: E402
 from semalign.suite.labels import ROW_LABELS, TASK_LABELS  # noqa: E402
+from semalign.suite.paper import Reported  # noqa: E402
 
 
 def write_layer_profile(
@@ -49,25 +50,56 @@ def _save(fig: plt.Figure, stem: Path) -> None:
     plt.close(fig)
 
 
+MARKS = {"none": "*", "kd": "†"}  # significance vs the untouched student, vs KD
+DELTAS = [("score", "score_ci95", 100, "Δ score vs student (points)"),
+          ("nll", "nll_ci95", 1, "Δ gold-answer NLL vs student (nats)")]
+
+
 def main_figure(summary: pd.DataFrame, methods: list[str], tasks: list[str], stem: Path,
-                labels: dict[str, str] | None = None, title: str = "Main results") -> None:
-    """Grouped bars per task: paper metric (left) and gold-answer NLL (right), 95% CIs as error bars; also the
-    ablation figures (``methods`` = an axis' variants, ``labels`` = their values)."""
+                labels: dict[str, str] | None = None, title: str = "Main results", tests: pd.DataFrame | None = None,
+                paper: Reported | None = None) -> None:
+    """Each method's change against the untouched student (``none``) per task, one row of panels per pair: score in
+    points (left), gold-answer NLL in nats (right); absolute values stay in the main table. Error bars: the
+    method's 95% t-interval over seeds (the student's evaluation does not depend on the seed, so it is the
+    interval of the difference too). Above a bar, ``*`` / ``†``: the paired test against the student / KD is
+    significant after Holm (``tests``, :mod:`semalign.suite.stats`). Black diamonds: the paper's reported change
+    (its method minus its student), only where the pair is the paper's own setting (``paper`` not a proxy).
+    Also the ablation figures (``methods`` = an axis' variants, ``labels`` = their values)."""
     labels = {**ROW_LABELS, **(labels or {})}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / max(1, len(methods))
-    for ax, (col, ci, label) in zip(axes, [("score", "score_ci95", "score (acc / pass@1, %)"),
-                                           ("nll", "nll_ci95", "gold-answer NLL (nats, lower is better)")]):
-        for i, method in enumerate(methods):
-            ms = summary[summary.method == method].set_index("task").reindex(tasks)
-            scale = 100 if col == "score" else 1
-            xs = [j + i * width for j in range(len(tasks))]
-            ax.bar(xs, ms[col] * scale, width, yerr=ms[ci] * scale, label=labels.get(method, method), capsize=2)
-        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))])
-        ax.set_xticklabels([TASK_LABELS.get(t, t) for t in tasks])
-        ax.set_ylabel(label)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title} ({', '.join(summary.pair.unique())})")
+    shown = [m for m in methods if m not in ROW_LABELS]  # the student is the zero line; the teacher stays in the table
+    pairs = list(summary.pair.unique())
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(12, 4 * len(pairs)), squeeze=False)
+    width = 0.8 / max(1, len(shown))
+    for row, pair in enumerate(pairs):
+        ps = summary[summary.pair == pair]
+        base = ps[ps.method == "none"].set_index("task").reindex(tasks)
+        sig = tests[(tests.pair == pair) & tests.significant] if tests is not None else pd.DataFrame()
+        for ax, (col, ci, scale, ylabel) in zip(axes[row], DELTAS):
+            for i, method in enumerate(shown):
+                ms = ps[ps.method == method].set_index("task").reindex(tasks)
+                delta, err = ((ms[col] - base[col]) * scale).to_numpy(), (ms[ci] * scale).to_numpy()
+                xs = np.arange(len(tasks)) + i * width
+                ax.bar(xs, delta, width, yerr=err, capsize=2, color=f"C{i}", label=labels.get(method, method))
+                for x, task, d, e in zip(xs, tasks, delta, err):
+                    hits = sig[(sig.task == task) & (sig.method == method) & (sig.quantity == col)] if len(sig) else sig
+                    mark = "".join(MARKS[b] for b in MARKS if len(hits) and b in set(hits.baseline))
+                    if mark and np.isfinite(d):
+                        ax.annotate(mark, (x, d + np.sign(d or 1) * np.nan_to_num(e)), ha="center",
+                                    va="bottom" if d >= 0 else "top", fontsize=9)
+                if paper is not None and not paper.proxy and col == "score":
+                    reported = paper.by_pair.get(pair, pd.Series(dtype=float))
+                    ys = [reported.get((method, t), np.nan) - reported.get(("none", t), np.nan) for t in tasks]
+                    ax.scatter(xs, ys, marker="D", color="black", s=18, zorder=3,
+                               label="paper (reported)" if i == 0 else None)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.margins(y=0.12)  # room for the marks beyond the error bars
+            ax.set_xticks(np.arange(len(tasks)) + width * (len(shown) - 1) / 2)
+            ax.set_xticklabels([TASK_LABELS.get(t, t) for t in tasks])
+            ax.set_ylabel(ylabel)
+            ax.set_title(pair, fontsize="medium")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{title}: change vs the untouched student (95% intervals over seeds"
+                 + ("; * / †: paired test vs student / KD, Holm p < 0.05" if tests is not None else "") + ")")
     fig.tight_layout()
     _save(fig, stem)
 

@@ -32,6 +32,19 @@ def apply_lora(
     return get_peft_model(model, cfg)
 
 
+def untie_targeted_embeddings(model: torch.nn.Module, targets: list[str]) -> None:
+    """Give the output head its own copy of a tied embedding matrix when LoRA targets either use of it: peft wraps
+    each use with its own adapter, and merging both deltas into the one shared matrix would add each to the other's
+    use. The saved model then has a separate head (V x d more parameters), as upstream's untied Llama-2."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not emb.weight:
+        return
+    shared = [n for n, m in model.named_modules() if m is emb or m is head]
+    if any(n == t or n.endswith("." + t) for n in shared for t in targets):
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        model.config.tie_word_embeddings = False
+
+
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -39,6 +52,7 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """LoRA adapters on ``cfg.lora_targets``, or every weight trainable."""
     if cfg.trainable == "lora":
+        untie_targeted_embeddings(model, cfg.lora_targets)
         return apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     for p in model.parameters():
         p.requires_grad_(True)

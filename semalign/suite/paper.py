@@ -37,6 +37,7 @@ class Reported:
 
     by_pair: dict[str, pd.Series]
     header: str
+    proxy: bool = False  # True: some pair is not a paper setting and every pair got Table 1's numbers
 
     def column(self, task: str) -> str:
         return f"{TASK_LABELS.get(task, task)} {self.header}"
@@ -53,12 +54,12 @@ def match_reported(paper: pd.DataFrame, sources: dict[str, tuple[str, str]]) -> 
     setting) and the header names that setting: the numbers are a reference point, not the same experiment."""
     teacher, student = paper.teacher.str.lower(), paper.student.str.lower()
     own = {pair: paper[(teacher == t.lower()) & (student == s.lower())] for pair, (t, s) in sources.items()}
-    header = "paper reported"
-    if any(rows.empty for rows in own.values()):
+    header, proxy = "paper reported", any(rows.empty for rows in own.values())
+    if proxy:
         main = paper[paper.table == 1]
         header = f"paper ({main.setting.iloc[0]}, {main.version.iloc[0]} Tab. 1)"
         own = dict.fromkeys(sources, main)
     # Table 2 repeats Table 1's Llama-2 rows with the same values (tests check): the first is kept
     return Reported({pair: rows.drop_duplicates(["method", "task"]).set_index(["method", "task"])["score"]
-                     for pair, rows in own.items()}, header)
+                     for pair, rows in own.items()}, header, proxy)
 

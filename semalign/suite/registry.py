@@ -162,6 +162,15 @@ class Method:
         return save_model(model, tokenizer, ctx.out_dir / "model", manifest=manifest)
 
 
+def task_params(section: dict[str, Any], task: str | None) -> dict[str, Any]:
+    """A method's ``method_params`` section resolved for one task: ``tasks.<task>``'s keys over the method's own
+    (the config dataclass fills in the defaults under both); ``task=None`` gives the method-level settings."""
+    params = {k: v for k, v in section.items() if k != "tasks"}
+    if task is not None:
+        params.update(section.get("tasks", {}).get(task, {}))
+    return params
+
+
 _METHODS: dict[str, type[Method]] = {}
 
 

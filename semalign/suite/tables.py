@@ -11,8 +11,11 @@ from scipy import stats
 from semalign.suite.io import atomic_write_text
 from semalign.suite.labels import ROW_LABELS, TASK_LABELS
 from semalign.suite.paper import Reported
+from semalign.suite.stats import BASELINE_LABELS, BASELINES, p_cell
 
-FINETUNED_TASKS = ("humaneval", "mbpp")  # the paper's Table 2 reports the code tasks only
+FINETUNED_TASKS = ("humaneval", "mbpp")
+# the training budget each method spent (its train_stats "budget", semalign.suite.train.spent)
+BUDGET_COLUMNS = {"examples": "examples", "epochs": "epochs", "optimizer_steps": "optimizer steps"}  # the paper's Table 2 reports the code tasks only
 # cost columns a resumed run measures only in part (its remainder)
 RESUME_PARTIAL = ("wall (s)", "teacher fwd / example", "student layer fwd / example", "student layer bwd / example",
                   "tokens/s")
@@ -54,19 +57,33 @@ def _cell(mean: float, ci: float, digits: int, seeds: int) -> str:
 
 
 
-def _task_cells(r: pd.Series, pair: str, method: str, task: str, paper: Reported | None) -> dict[str, str]:
-    """One task's columns of a row: our metric (± CI), the paper's number beside it when given, our NLL."""
+def _task_cells(r: pd.Series, pair: str, method: str, task: str, paper: Reported | None,
+                tests: pd.DataFrame | None = None) -> dict[str, str]:
+    """One task's columns of a row: our metric (± CI), the paper's number beside it when given, our NLL, and, when
+    ``tests`` (:func:`semalign.suite.stats.paired_tests`) are given, the Holm-adjusted p of the metric and the NLL
+    against each baseline ("–" where no test applies: the baseline itself, reference rows)."""
     label = TASK_LABELS.get(task, task)
     seeds = int(r["seeds"])
     cells = {f"{label} {r['metric']}": _cell(100 * r["score"], 100 * r["score_ci95"], 1, seeds)}
     if paper is not None:
         cells[paper.column(task)] = paper.cell(pair, method, task)
-    return {**cells, f"{label} NLL": _cell(r["nll"], r["nll_ci95"], 3, seeds)}
+    cells[f"{label} NLL"] = _cell(r["nll"], r["nll_ci95"], 3, seeds)
+    if tests is not None:
+        p = tests[(tests.pair == pair) & (tests.task == task) & (tests.method == method)]
+        p = p.set_index(["baseline", "quantity"])["p_holm"]
+        for baseline in BASELINES:
+            for quantity, name in (("score", r["metric"]), ("nll", "NLL")):
+                value = p.get((baseline, quantity))
+                column = f"{label} p {name} vs {BASELINE_LABELS[baseline]}"
+                cells[column] = "–" if value is None else p_cell(value)
+    return cells
 
 
-def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], paper: Reported | None = None) -> pd.DataFrame:
+def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], paper: Reported | None = None,
+               tests: pd.DataFrame | None = None) -> pd.DataFrame:
     """Wide Table 1: rows = methods (teacher and untouched student included), columns = task x {metric, NLL},
-    and the paper's number beside our metric when ``paper`` is given.
+    the paper's number beside our metric when ``paper`` is given, and the paired tests' Holm-adjusted p-values
+    against the untouched student and KD when ``tests`` are given (:mod:`semalign.suite.stats`).
 
     ``gap_to_teacher`` follows the paper: the method's mean score over tasks minus the teacher's.
     """
@@ -80,7 +97,7 @@ def main_table(summary: pd.DataFrame, methods: list[str], tasks: list[str], pape
             row = {"pair": pair, "method": ROW_LABELS.get(method, method), "seeds": int(ms["seeds"].max())}
             for task in tasks:
                 if task in ms.index:
-                    row.update(_task_cells(ms.loc[task], pair, method, task, paper))
+                    row.update(_task_cells(ms.loc[task], pair, method, task, paper, tests))
             common = [t for t in tasks if t in ms.index and t in teacher.index]
             if common:
                 row["gap to teacher"] = f"{100 * (ms.loc[common, 'score'].mean() - teacher[common].mean()):+.1f}"
@@ -129,7 +146,9 @@ def write_table(df: pd.DataFrame, stem: Path, title: str) -> None:
 
 def cost_table(records: list[dict], runs: dict[tuple[str, str], dict], reference: str = "kd") -> pd.DataFrame:
     """What each transfer cost, from ``run_transfer`` records (each with its ``pair``), mean over seeds:
-    wall time and its ratio to ``reference`` on the same pair and task, peak memory, trainable parameters,
+    wall time and its ratio to ``reference`` on the same pair and task, peak memory, trainable parameters, the
+    budget spent (training examples, epochs = example passes / examples, optimizer steps: SemAlign's trainable
+    parameters are one stage's, trained in turn),
     teacher forwards per training example (the shared cache's, when the method reads it, plus its own),
     student decoder-layer forward/backward passes per example (a pass = one example through one layer:
     L_S x epochs for plain training, other counts for a frontier schedule), and student throughput in
@@ -152,6 +171,7 @@ def cost_table(records: list[dict], runs: dict[tuple[str, str], dict], reference
             "peak RSS (MB)": r["peak_rss_mb"],
             "peak GPU (MB)": r["peak_gpu_mb"],
             "trainable params": r.get("trainable_params", 0),
+            **{label: r.get("budget", {}).get(key, float("nan")) for key, label in BUDGET_COLUMNS.items()},
             "teacher fwd / example": teacher_fwd,
             "student layer fwd / example": c.get("student_layer_forward_rows", 0) / n,
             "student layer bwd / example": c.get("student_layer_backward_rows", 0) / n,
@@ -168,7 +188,7 @@ def cost_table(records: list[dict], runs: dict[tuple[str, str], dict], reference
     if not ref.empty:
         keys = pd.MultiIndex.from_frame(df[["pair", "task"]])
         df.insert(4, f"wall / {reference}", (df["wall (s)"].to_numpy() / ref.reindex(keys).to_numpy()).round(2))
-    digits = {"wall (s)": 1, "peak RSS (MB)": 0, "peak GPU (MB)": 0, "trainable params": 0,
+    digits = {"wall (s)": 1, "peak RSS (MB)": 0, "peak GPU (MB)": 0, "trainable params": 0, "epochs": 2,
               "teacher fwd / example": 2, "student layer fwd / example": 1, "student layer bwd / example": 1,
               "tokens/s": 0}
     return df.round(digits).astype({"trainable params": int})
@@ -188,12 +208,28 @@ def run_facts(train: Path, teacher: Path, student: Path, cache: Path | None) -> 
             "cache_forwards": meta.get("forward_passes", 0)}
 
 
-def hparam_table(configs: dict[str, dict]) -> pd.DataFrame:
-    """Every trained method's resolved hyperparameters (defaults + profile overrides), one column per method;
-    "–" where a method has no such parameter. Generated from the config dataclasses, so it cannot drift."""
-    names = list(dict.fromkeys(k for cfg in configs.values() for k in cfg))
+def hparam_columns(configs: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """method -> task -> resolved config, as columns: one per method when its tasks share a config, else one per
+    distinct config, headed by its tasks, e.g. ``laten (MMLU)``, ``laten (GSM8K, HumanEval)``."""
+    columns = {}
+    for method, by_task in configs.items():
+        groups: dict[str, list[str]] = {}
+        for task, cfg in by_task.items():
+            groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(task)
+        for key, tasks in groups.items():
+            label = method if len(groups) == 1 else f"{method} ({', '.join(TASK_LABELS.get(t, t) for t in tasks)})"
+            columns[label] = by_task[tasks[0]]
+    return columns
+
+
+def hparam_table(configs: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """Every trained method's resolved hyperparameters (defaults + profile + per-task overrides, ``configs``:
+    method -> task -> config), columns from :func:`hparam_columns`; "–" where a method has no such parameter.
+    Generated from the config dataclasses, so it cannot drift."""
+    columns = hparam_columns(configs)
+    names = list(dict.fromkeys(k for cfg in columns.values() for k in cfg))
     return pd.DataFrame(
-        [{"parameter": k, **{m: str(cfg[k]) if k in cfg else "–" for m, cfg in configs.items()}} for k in names]
+        [{"parameter": k, **{m: str(cfg[k]) if k in cfg else "–" for m, cfg in columns.items()}} for k in names]
     )
 
 

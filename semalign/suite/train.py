@@ -52,6 +52,12 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
 
 
 
+def spent(examples: int, example_passes: int, optimizer_steps: int) -> dict[str, float | int]:
+    """The training budget a run spent, as the cost table reports it: distinct training examples, epochs (example
+    passes / examples: what a plain trainer calls epochs, whatever the schedule) and optimizer steps."""
+    return {"examples": examples, "epochs": example_passes / examples, "optimizer_steps": optimizer_steps}
+
+
 @dataclass
 class TrainConfig:
     """Knobs of the shared mini-batch loop (:func:`fit`); each trained method's config extends it, so KD,
@@ -88,6 +94,12 @@ class TrainConfig:
         if self.schedule == "constant":
             cfg.pop("epochs")
         return cfg
+
+
+def fit_budget(data: dict[str, torch.Tensor], cfg: TrainConfig, curve: list[dict]) -> dict[str, float | int]:
+    """What :func:`fit` spent on ``data``: every row once per epoch, one optimizer step per curve row."""
+    n = len(data["input_ids"])
+    return spent(n, cfg.epochs * n, len(curve))
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -15,7 +15,7 @@ rule transfer_cost:
         pair=bench_target()[0],
         task=bench_target()[1],
         inputs=bench_inputs(),
-        method_params=config["method_params"],
+        method_params=bench_params(),
         seed=SEEDS[0],
         device=config["device"],
         max_len=config["data"]["max_len"],

@@ -13,7 +13,8 @@ from semalign.method import AlignedMap, Pairing
 from semalign.pairing import STRATEGIES
 from semalign.suite.ids import PairingName, SplitId, Variant
 from semalign.suite.sources import SPLITS, data_dir, source_files
-from semalign.suite.registry import Artifact, TeacherCache, available_methods, method_class
+from semalign.suite.fairness import violations
+from semalign.suite.registry import Artifact, TeacherCache, available_methods, method_class, task_params
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -62,23 +63,24 @@ def method_cls(name: str | Variant):
     return method_class(variant.method)
 
 
-def method_params(name: str | Variant) -> dict:
-    """A method's configured parameters; a variant's are its method's with the one ablated key replaced."""
+def method_params(name: str | Variant, task: str | None = None) -> dict:
+    """A method's parameters on ``task``: variant key over `method_params.<method>.tasks.<task>` over
+    `method_params.<method>` (over the config dataclass's defaults); ``task=None``: the method-level ones."""
     variant = Variant.parse(name) if isinstance(name, str) else name
-    params = dict(config["method_params"].get(variant.method, {}))
+    params = task_params(config["method_params"].get(variant.method, {}), task)
     if variant.is_variant:
         params[variant.key] = variant.value
     return params
 
 
-def method_config(name: str | Variant):
-    return method_cls(name).config(method_params(name))
+def method_config(name: str | Variant, task: str | None = None):
+    return method_cls(name).config(method_params(name, task))
 
 
-def needs(name: str | Variant) -> list[Artifact]:
-    """The artifacts a transfer of method (or variant) ``name`` reads, as its method declares them."""
+def needs(name: str | Variant, task: str | None = None) -> list[Artifact]:
+    """The artifacts a transfer of method (or variant) ``name`` on ``task`` reads, as its method declares them."""
     cls = method_cls(name)
-    return [] if cls.reference else cls.needs(method_config(name))
+    return [] if cls.reference else cls.needs(method_config(name, task))
 
 
 def ablation_variants() -> list[Variant]:
@@ -104,10 +106,20 @@ def check_config() -> None:
     for m in METHODS + list(config["method_params"]):
         if m not in known:
             raise ValueError(f"config: unknown method {m!r} (methods/method_params); available: {', '.join(known)}")
-        method_config(m)  # hyperparameters checked now, not hours into the run
-    for m in list(config["ablations"]["methods"]):
+        for task in [None, *TASKS]:
+            method_config(m, task)  # hyperparameters checked now, not hours into the run
+    for task in TASKS:
+        configs = {m: method_config(m, task) for m in METHODS if method_cls(m).config_cls}
+        for line in violations(configs):
+            raise ValueError(f"config: fairness protocol on {task}: {line} (method_params; README 'Fairness protocol')")
+    for m, axes in config["ablations"]["methods"].items():
         if m not in METHODS:
             raise ValueError(f"config: ablations.methods.{m}: {m!r} is not in methods")
+        per_task = config["method_params"].get(m, {}).get("tasks", {})
+        for task in set(per_task) & set(ABLATION_TASKS):
+            if clash := sorted(set(axes) & set(per_task[task])):
+                raise ValueError(f"config: ablations.methods.{m} varies {clash}, which method_params.{m}.tasks.{task} "
+                                 "also sets: the reference row would not be the configured value on that task")
     if extra := sorted(set(ABLATION_SEEDS) - set(SEEDS)):
         raise ValueError(f"config: ablations.seeds {extra} not in seeds {SEEDS}: the reference row runs at `seeds`")
     for pair, p in config["pairs"].items():
@@ -177,14 +189,14 @@ def split_file(split: SplitId) -> str:
 def transfer_inputs(wc) -> dict:
     inputs = {"teacher": pair_model("teacher")(wc), "student": pair_model("student")(wc),
               "splits": splits_manifest(wc.task)}
-    for artifact in needs(wc.method):
+    for artifact in needs(wc.method, wc.task):
         inputs[artifact.key] = artifact.path(R, wc.pair, wc.task)
     return inputs
 
 
 def cache_readers(wc) -> list[TeacherCache]:
     """What every method and variant on this pair/task wants from the shared teacher cache."""
-    return sorted({a for m in methods_on(wc.task) for a in needs(m) if isinstance(a, TeacherCache)}, key=str)
+    return sorted({a for m in methods_on(wc.task) for a in needs(m, wc.task) if isinstance(a, TeacherCache)}, key=str)
 
 
 def cache_pairings(wc) -> list[str]:
@@ -264,7 +276,7 @@ def ablation_tables() -> list[str]:
 def run_facts_inputs() -> dict:
     """Per (pair, task), what the cost table divides by: train split, model manifests and, when a trained method
     reads it, the teacher cache (whose meta says how many teacher forwards it cost)."""
-    uses_cache = {task: any(method_cls(m).uses_teacher_cache(method_config(m)) for m in trained_methods())
+    uses_cache = {task: any(method_cls(m).uses_teacher_cache(method_config(m, task)) for m in trained_methods())
                   for task in TASKS}
     return {pair: {task: {"train": split_file(SplitId(task, "train")),
                           "teacher": model_manifest(p["teacher"]), "student": model_manifest(p["student"]),
@@ -279,7 +291,9 @@ def run_facts_files() -> list[str]:
 
 
 def method_configs() -> dict:
-    return {m: asdict(method_config(m)) for m in trained_methods() if method_cls(m).config_cls}
+    """method -> task -> the resolved config a transfer on that task runs with (the hparams table's columns)."""
+    return {m: {task: asdict(method_config(m, task)) for task in TASKS}
+            for m in trained_methods() if method_cls(m).config_cls}
 
 
 def finetuned_tables() -> list[str]:
@@ -306,7 +320,7 @@ def cka_figures() -> list[str]:
 
 
 def uses_pairings() -> bool:
-    return any(a.key == "pairing" for m in METHODS for a in needs(m))
+    return any(a.key == "pairing" for m in METHODS for task in TASKS for a in needs(m, task))
 
 
 def analysis_outputs() -> list[str]:
@@ -348,3 +362,8 @@ def bench_inputs() -> dict[str, dict[str, str]]:
     """method -> its transfer inputs on the benchmark's (pair, task)."""
     pair, task = bench_target()
     return {m: transfer_inputs(SimpleNamespace(pair=pair, task=task, method=m)) for m in trained_methods()}
+
+
+def bench_params() -> dict[str, dict]:
+    """method -> its parameters on the benchmark's task (per-task settings resolved)."""
+    return {m: method_params(m, bench_target()[1]) for m in trained_methods()}

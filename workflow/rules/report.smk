@@ -14,6 +14,7 @@ rule aggregate:
         cost=report(f"{R}/tables/cost.md", caption="../report/cost_table.rst", category="Tables"),
         hparams=report(f"{R}/tables/hparams.md", caption="../report/hparams_table.rst", category="Tables"),
         summary=f"{R}/tables/summary.csv",
+        significance=f"{R}/tables/significance.md",
         ablation_summary=[f"{R}/tables/ablation_summary.csv"] if ablation_axes() else [],
         ablations=[
             report(path, caption="../report/ablation.rst", category="Ablations") for path in ablation_tables()
@@ -46,8 +47,10 @@ rule aggregate:
 rule figures:
     input:
         summary=f"{R}/tables/summary.csv",
+        significance=f"{R}/tables/significance.md",
         ablation_summary=[f"{R}/tables/ablation_summary.csv"] if ablation_axes() else [],
         cost=f"{R}/tables/cost.md",
+        paper=PAPER_REPORTED,
     output:
         main=report(f"{R}/figures/main.png", caption="../report/main_figure.rst", category="Figures"),
         cost_gain=report(f"{R}/figures/cost_gain.png", caption="../report/cost_gain.rst", category="Figures"),
@@ -61,6 +64,7 @@ rule figures:
         tasks=TASKS,
         ablation_axes=ablation_axes(),
         ablation_tasks=ABLATION_TASKS,
+        pair_sources=pair_sources(),
     log:
         f"{LOGS}/figures.log",
     conda:

@@ -37,7 +37,7 @@ rule transfer:
         transfer_record("{pair}", "{task}", "{method}", "{seed}"),
     params:
         method=lambda wc: Variant.parse(wc.method).method,
-        method_params=lambda wc: method_params(wc.method),
+        method_params=lambda wc: method_params(wc.method, wc.task),
         device=config["device"],
         max_len=config["data"]["max_len"],
         train_on_inputs=lambda wc: wc.task in config["data"]["train_on_inputs"],

@@ -3,6 +3,7 @@ from pathlib import Path
 
 from semalign.suite.paper import load_paper_reported, match_reported
 from semalign.suite.pipeline import start_job
+from semalign.suite.stats import load_items, paired_tests
 from semalign.suite.tables import (
     ablation_table,
     cost_table,
@@ -23,7 +24,13 @@ summary = summarise(evals)
 summary.to_csv(out.summary, index=False)
 scale = "" if p.profile == "paper" else f" — small-scale profile '{p.profile}', not comparable to the paper's numbers"
 paper = match_reported(load_paper_reported(inp.paper), p.pair_sources)
-write_table(main_table(summary, p.methods, p.tasks, paper), Path(out.main).with_suffix(""), f"Main results{scale}")
+# paired tests per test item of every trained method against the untouched student and KD (Holm over the pair)
+tests = paired_tests(load_items(inp.records), [m for m in p.methods if m not in p.reference_methods])
+write_table(tests, Path(out.significance).with_suffix(""),
+            f"Paired tests per test item vs the untouched student and KD (sign/McNemar on the metric, Wilcoxon on "
+            f"NLL; p_holm: Holm over each pair's tests){scale}")
+write_table(main_table(summary, p.methods, p.tasks, paper, tests), Path(out.main).with_suffix(""),
+            f"Main results (p: paired tests per item, Holm-adjusted, * < 0.05){scale}")
 if p.finetuned_teachers:
     write_table(finetuned_teachers_table(summary, p.finetuned_teachers, p.methods, paper),
                 Path(out.finetuned[0]).with_suffix(""), f"Transfer from fine-tuned teachers (paper's Table 2){scale}")
