@@ -331,6 +331,7 @@ def final_outputs() -> list[str]:
     return [
         f"{R}/tables/main.md",
         f"{R}/tables/models.md",
+        f"{R}/tables/contamination.md",
         *finetuned_tables(),
         f"{R}/figures/main.png",
         *loss_curve_figures(),
