@@ -78,7 +78,7 @@ def record_id(rec: dict) -> str:
     return str(rec.get("id", rec.get("task_id")))
 
 
-def test_item(task: str, rec: dict) -> Item:
+def benchmark_item(task: str, rec: dict) -> Item:
     """A benchmark record's comparable fields (see semalign.suite.sources for each task's record)."""
     if task == "mmlu":
         return Item(record_id(rec), {"question": normalise(rec["question"])}, _choice_set(rec["choices"]))
@@ -134,7 +134,7 @@ def _kind(field: str, needle: Tokens, other: Tokens, test: Item, transfer: Item)
 def find_matches(task: str, transfer: dict[str, list[dict]], test: list[dict]) -> list[dict]:
     """Every (transfer split, transfer item, test item) sharing knowledge, with the strongest kind per pair:
     ``{"split", "kind", "transfer_id", "test_id"}``, sorted."""
-    tests = [test_item(task, r) for r in test]
+    tests = [benchmark_item(task, r) for r in test]
     best: dict[tuple[str, str, str], str] = {}
     for split, recs in transfer.items():
         items = [transfer_item(r) for r in recs]
