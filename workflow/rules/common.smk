@@ -2,6 +2,8 @@
 # (Method.needs), so nothing here looks inside a method's config.
 import os
 import re
+import shlex
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +22,8 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 # Rule scripts import the semalign package: make the checkout importable also inside per-rule conda envs.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
+# The command that started this run, for the results manifest (jobs inherit it; a re-parse in a job keeps it).
+os.environ.setdefault("SEMALIGN_COMMAND", shlex.join(["snakemake", *sys.argv[1:]]))
 # Methods living outside the repository (config `plugins:`) are imported by every job through this variable.
 os.environ["SEMALIGN_PLUGINS"] = ",".join(config["plugins"])
 
@@ -341,15 +345,25 @@ def loss_curve_figures() -> list[str]:
     return [f"{R}/figures/loss_curves/{pair}/{task}.png" for pair in config["pairs"] for task in TASKS]
 
 
-def final_outputs() -> list[str]:
+def result_files() -> list[str]:
     return [
         f"{R}/tables/main.md",
         f"{R}/tables/models.md",
+        f"{R}/tables/contamination.md",
         *finetuned_tables(),
         f"{R}/figures/main.png",
         *loss_curve_figures(),
         *analysis_outputs(),
     ]
+
+
+def run_manifest() -> str:
+    return f"{R}/manifest.json"
+
+
+def final_outputs() -> list[str]:
+    """The results and, written after them, the manifest of what produced them (commit, versions, machine)."""
+    return [*result_files(), run_manifest()]
 
 
 # ------------------------------------------------------------------------------------------------- benchmarks

@@ -87,3 +87,19 @@ rule loss_curves:
         "../envs/semalign.yaml"
     script:
         "../scripts/loss_curves.py"
+
+
+rule run_manifest:
+    input:
+        result_files(),
+    output:
+        report(run_manifest(), caption="../report/run_manifest.rst", category="Environment"),
+    params:
+        repo=workflow.basedir,
+    threads: THREADS  # the torch threads it records are those every training and evaluation job got
+    log:
+        f"{LOGS}/run_manifest.log",
+    conda:
+        "../envs/semalign.yaml"
+    script:
+        "../scripts/run_manifest.py"
