@@ -162,7 +162,9 @@ def _with_output(cfg: SemAlignConfig, last_stage: bool) -> bool:
 
 
 def _read_out(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return lm_head(model)(final_norm(model)(h))
+    """Logits of states ``h`` through the student's final norm and head, in fp32 whatever the model's dtype: the
+    losses compare two read-outs (or a read-out with the teacher's fp32 logits), which bf16 logits would round."""
+    return torch.nn.functional.linear(final_norm(model)(h.float()), lm_head(model).weight.float())
 
 
 def train_frontier(
@@ -316,7 +318,7 @@ class _Stage:
             target = self.scale * self.target(micro, T)
             student = h - x if self.interface == "residual" else h
             if objective.reads_out:
-                student, target = _read_out(model, student), _read_out(model, target.to(h.dtype))
+                student, target = _read_out(model, student), _read_out(model, target)
         ones = torch.ones(1, int(out_mask.sum()), device=dev)
         return objective.terms(student.float(), target.float(), b["attention_mask"], student_logits, teacher_logits,
                                labels, ones, cfg.temperature)
