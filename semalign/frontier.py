@@ -32,7 +32,7 @@ from semalign.losses import LOSSES, Objective, get_loss
 from semalign.pairing import STRATEGIES, teacher_layers_needed, validate_pairing
 from semalign.suite.cache import TeacherCache
 from semalign.suite.io import atomic_torch_save, write_csv
-from semalign.suite.lora import apply_lora
+from semalign.suite.lora import apply_lora, full_precision
 from semalign.suite.models import backbone, decoder_layers, embed_tokens, final_norm, lm_head
 from semalign.suite.objectives import shift_mask
 from semalign.suite.train import batches, check_finite, checkpoint_dir, set_seed, trim
@@ -193,6 +193,8 @@ def train_frontier(
                          f"layers={needed} (semalign.pairing.teacher_layers_needed)")
     if cfg.recompose == "semantic" and m is None and cfg.objective.uses_layer_target:
         raise ValueError("recompose=semantic needs the aligned map M (semalign.bases.aligned_map)")
+    if cfg.trainable == "full":
+        model = full_precision(model)  # a whole layer trains: its AdamW steps accumulate in fp32
     dev = next(model.parameters()).device
     head_t = cache.head_weight.to(dev, torch.float32)  # moved once, not per step
     m = m.to(dev) if m is not None else None

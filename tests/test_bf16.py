@@ -115,3 +115,19 @@ def test_commit_deltas_rounds_the_fp32_sum_once(tiny_pair_bf16):
     assert stats["delta_nonzero"] == sum(int((d != 0).sum()) for d in deltas.values())
     assert stats["delta_lost"] == lost and 0 < lost < stats["delta_nonzero"]
     assert stats["max_rounding_error"] == pytest.approx(worst)
+
+
+def test_full_finetune_of_a_bf16_student_accumulates_small_steps(tiny_pair_bf16, bf16_inputs, tmp_path):
+    """AdamW steps of 1e-5 are below half the bf16 ulp of most weights (2^-9·|w|, |w| ~ 0.02): trained on the bf16
+    weights themselves they were dropped; with fp32 weights during training (rounded once on save) eight of them
+    add up and move the stored weights."""
+    teacher, student = tiny_pair_bf16
+    ctx = TransferContext(teacher=teacher, student=student, splits=bf16_inputs / "splits", task="gsm8k",
+                          out_dir=tmp_path / "kd", seed=1, max_len=48, artifacts={"cache": bf16_inputs / "teacher.pt"},
+                          params={**TRAIN, "epochs": 4, "lr": 1e-5, "trainable": "full"})
+    out = get_method("kd").run(ctx)
+    before, after = (dict(load_model(d)[0].named_parameters()) for d in (student, out))
+    w = [n for n in before if ".layers." in n and n.endswith("proj.weight")]
+    assert all(after[n].dtype == torch.bfloat16 for n in w)
+    moved = sum(int((after[n] != before[n]).sum()) for n in w) / sum(before[n].numel() for n in w)
+    assert moved > 0.5, moved
