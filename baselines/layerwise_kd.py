@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from semalign.frontier import SemAlignConfig
+from semalign.losses import wide
 from semalign.method import Pairing
 from semalign.suite.cache import layer_outputs
 from semalign.suite.lora import prepare_trainable, trainable_parameters
@@ -37,6 +38,7 @@ class LayerwiseKDConfig(TrainConfig):
 
 def normalised_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ_tokens ||pred - target||² / Σ_tokens ||target||² over ``mask`` (1 = a perfect copy costs 0, 0 costs 1)."""
+    pred, target = wide(pred), wide(target)
     m = mask.unsqueeze(-1).to(pred.dtype)
     return ((pred - target) ** 2 * m).sum() / (target**2 * m).sum().clamp_min(1e-12)
 

@@ -12,6 +12,8 @@ parameters chosen by sensitivity initialise a LoRA on the student, which is then
 Where this differs from the upstream code (maszhongming/ParaKnowTransfer), on purpose:
 - |θ·g| is added into fp32 accumulators as soon as each parameter's gradient is ready and the gradient dropped,
   so a pass costs the parameters + one accumulator set, not ~4 model copies (>200 GB host RAM for a 13B teacher).
+  The accumulators live on the host by default (``sensitivity_device: cpu``) and the teacher keeps its own dtype,
+  so a 13B teacher's pass fits one 80 GB GPU (:func:`sensitivity_memory`).
 - The subtraction of s·BA is done on the base weights in place; upstream merges a LoRA with A negated (same math).
 - Factors stay fp32 (upstream casts to fp16); the SVD is thin (``full_matrices=False``); the block search is a
   vectorised summed-area table with upstream's first-maximum tie rule.
@@ -55,7 +57,9 @@ class SeekingConfig(LoRASFTConfig):
     ``lora_r`` is also the SVD rank of the extracted factors."""
 
     seed_split: str = "extract"  # the sensitivity ("seed") examples
-    sensitivity_device: str | None = None  # where the fp32 accumulators live; None = with each parameter
+    # where the fp32 sums live: "cpu" (default: a 13B teacher's 52 GB of sums stay off an 80 GB GPU) or None =
+    # beside each parameter (fastest when they fit); the sums are equal either way
+    sensitivity_device: str | None = "cpu"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +83,76 @@ def seed_loss(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return sft_loss(model, trim(b))
 
 
+def sensitivity_memory(n_params: float, param_bytes: int, largest_param: float, n_layers: int, hidden: int,
+                       intermediate: int, vocab: int, seq_len: int, sums_on_device: bool) -> dict[str, float]:
+    """Peak bytes of the sensitivity pass (one example per backward): {"device", "host"}.
+
+    device = params (n_params · param_bytes) + [sums (n_params · 4) if on device] + activations + per-parameter
+    transients; activations = n_layers · seq_len · (36·hidden + 8·intermediate) · param_bytes / 2 (per token and
+    layer, in bf16: the two RMSNorms' fp32 inputs and bf16 outputs ~20·d B, q/k/v and their rotated copies 10·d,
+    the attention output 2·d, o_proj's input 2·d, residual 2·d; gate/up outputs, SiLU and the product 8·f),
+    + the answer logits (seq_len · vocab · 10 B: bf16 logits, fp32 copy and log-softmax); transients = the largest
+    parameter's gradient (param_bytes) and |θ·g| in fp32 in each of two staging slots (2 · 4 B).
+    host = the sums (n_params · 4) when off device.
+
+    Llama-2-13B teacher (13.0e9 params, largest 32000·5120 = 1.64e8, 40 layers, d 5120, f 13824, V 32000) at
+    seq_len 768 (data.max_len): activations 40·768·(36·5120 + 8·13824)·1 B = 9.1e9 B in bf16.
+    As written before (teacher loaded in fp32, sums beside the parameters): 52.1 + 52.1 + 18.1 (fp32
+    activations) + 0.2 + 2.0 = 124 GB: no 80 GB GPU. Teacher in bf16, sums on device: 26.0 + 52.1 + 9.1 + 0.2 +
+    1.6 = 89 GB: still not. Teacher in bf16, sums on the host: device 26.0 + 9.1 + 0.2 + 1.6 = 37 GB, host 52 GB.
+    """
+    activations = n_layers * seq_len * (36 * hidden + 8 * intermediate) * param_bytes / 2 + seq_len * vocab * 10
+    transients = largest_param * (param_bytes + 2 * 4)
+    sums = n_params * 4
+    device = n_params * param_bytes + activations + transients + (sums if sums_on_device else 0)
+    return {"device": device, "host": 0.0 if sums_on_device else sums}
+
+
+class _Sums:
+    """fp32 sums of |θ·g| per parameter on ``device`` (None = each parameter's own). When the parameters are on a
+    GPU and the sums on the host, each product is copied without blocking into one of two pinned staging buffers
+    and added once its copy is done (when the slot comes round again, or at :meth:`flush`), so the copy of one
+    parameter's product overlaps the backward of the next. Each add is the same fp32 add on either side, so the
+    sums are equal wherever they live."""
+
+    def __init__(self, params: dict[str, torch.Tensor], device: str | torch.device | None) -> None:
+        self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=device or p.device) for n, p in params.items()}
+        self.slots: list[torch.Tensor] = []
+        self.pending: list[tuple[str, torch.Tensor, Any]] = []  # (name, staged product, copy-done event), oldest first
+
+    def add(self, name: str, prod: torch.Tensor) -> None:
+        acc = self.acc[name]
+        if prod.device == acc.device:
+            acc.add_(prod)
+            return
+        if prod.device.type != "cuda" or acc.device.type != "cpu":
+            acc.add_(prod.to(acc.device))
+            return
+        if not self.slots:
+            size = max(a.numel() for a in self.acc.values())
+            self.slots = [torch.empty(size, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        if len(self.pending) == len(self.slots):
+            self._drain()
+        busy = {id(buf) for _, buf, _ in self.pending}
+        buf = next(s for s in self.slots if id(s) not in busy)
+        staged = buf[: prod.numel()]
+        staged.copy_(prod.flatten(), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(prod.device))
+        self.pending.append((name, buf, done))
+
+    def _drain(self) -> None:
+        name, buf, done = self.pending.pop(0)
+        done.synchronize()
+        acc = self.acc[name]
+        acc.add_(buf[: acc.numel()].view(acc.shape))
+
+    def flush(self) -> dict[str, torch.Tensor]:
+        while self.pending:
+            self._drain()
+        return self.acc
+
+
 def sensitivity(
     model: nn.Module,
     data: dict[str, torch.Tensor],
@@ -87,16 +161,17 @@ def sensitivity(
 ) -> dict[str, torch.Tensor]:
     """S = Σ_examples |θ · ∂L/∂θ| (fp32) for every parameter that requires grad, one example per backward.
 
-    ``data``: row-aligned tensors, one example per row. Each parameter's |θ·g| is added to its accumulator (on
-    ``device``, default the parameter's) by a post-accumulate-grad hook and its gradient freed at once, so no
-    full gradient copy ever exists. Tied parameters appear once, under their first name.
+    ``data``: row-aligned tensors, one example per row. Each parameter's |θ·g| (in fp32, on the parameter's
+    device) is added to its accumulator (on ``device``, default the parameter's; see :class:`_Sums`) by a
+    post-accumulate-grad hook and its gradient freed at once, so no full gradient copy ever exists. Tied
+    parameters appear once, under their first name.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=device or p.device) for n, p in params.items()}
+    sums = _Sums(params, device)
 
     def hook(name: str) -> Callable[[torch.Tensor], None]:
         def add(p: torch.Tensor) -> None:
-            acc[name].add_((p.detach().float() * p.grad.float()).abs_().to(acc[name].device))
+            sums.add(name, (p.detach().float() * p.grad.float()).abs_())
             p.grad = None
 
         return add
@@ -114,7 +189,7 @@ def sensitivity(
     finally:
         for h in handles:
             h.remove()
-    return acc
+    return sums.flush()
 
 
 def layer_scores(sens: dict[str, torch.Tensor], n_layers: int) -> torch.Tensor:
@@ -242,7 +317,7 @@ class Seeking(Method):
     def extract(self, ctx: TransferContext, cfg: SeekingConfig, student: nn.Module) -> dict[str, Any]:
         """Teacher sensitivity on the seed split, layer selection and factor extraction (the teacher is freed on
         return): {"scores", "selected", "n_seed", "factors"}."""
-        teacher, t_tok = load_model(ctx.teacher, device=ctx.device, dtype="float32")
+        teacher, t_tok = load_model(ctx.teacher, device=ctx.device)  # its own dtype; sums and SVD in fp32
         n_s = len(decoder_layers(student))
         # fail before the sensitivity pass: too shallow (select_layers) or too narrow (paired_modules)
         paired_modules(teacher, student, select_layers(torch.zeros(len(decoder_layers(teacher))), n_s),

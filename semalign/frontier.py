@@ -38,7 +38,7 @@ from semalign.losses import LOSSES, Objective, get_loss
 from semalign.pairing import STRATEGIES, teacher_layers_needed, validate_pairing
 from semalign.suite.cache import TeacherCache
 from semalign.suite.io import atomic_torch_save, write_csv
-from semalign.suite.lora import apply_lora
+from semalign.suite.lora import apply_lora, full_precision
 from semalign.suite.models import backbone, decoder_layers, embed_tokens, final_norm, lm_head
 from semalign.suite.objectives import shift_mask
 from semalign.suite.train import batches, check_finite, checkpoint_dir, set_seed, trim
@@ -194,7 +194,9 @@ def _with_output(cfg: SemAlignConfig, last_stage: bool) -> bool:
 
 
 def _read_out(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return lm_head(model)(final_norm(model)(h))
+    """Logits of states ``h`` through the student's final norm and head, in fp32 whatever the model's dtype: the
+    losses compare two read-outs (or a read-out with the teacher's fp32 logits), which bf16 logits would round."""
+    return torch.nn.functional.linear(final_norm(model)(h.float()), lm_head(model).weight.float())
 
 
 def train_frontier(
@@ -223,6 +225,8 @@ def train_frontier(
                          f"layers={needed} (semalign.pairing.teacher_layers_needed)")
     if cfg.recompose == "semantic" and m is None and cfg.objective.uses_layer_target:
         raise ValueError("recompose=semantic needs the aligned map M (semalign.bases.aligned_map)")
+    if cfg.trainable == "full":
+        model = full_precision(model)  # a whole layer trains: its AdamW steps accumulate in fp32
     dev = next(model.parameters()).device
     head_t = cache.head_weight.to(dev, torch.float32)  # moved once, not per step
     m = m.to(dev) if m is not None else None
@@ -346,7 +350,7 @@ class _Stage:
             target = self.scale * self.target(micro, T)
             student = h - x if self.interface == "residual" else h
             if objective.reads_out:
-                student, target = _read_out(model, student), _read_out(model, target.to(h.dtype))
+                student, target = _read_out(model, student), _read_out(model, target)
         ones = torch.ones(1, int(out_mask.sum()), device=dev)
         return objective.terms(student.float(), target.float(), b["attention_mask"], student_logits, teacher_logits,
                                labels, ones, cfg.temperature)

@@ -27,14 +27,22 @@ class LossTerms(NamedTuple):
     output: torch.Tensor
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (fp64 stays fp64): every reduction below sums over d, T or T^2 terms, which bf16's 8-bit
+    mantissa would round away, whatever dtype the model runs in."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x [B, T] over mask positions (0 if the mask is empty, so an empty batch adds no gradient)."""
+    x = wide(x)
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp_min(1.0)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(||x||^2 + eps): smooth at 0, so gradcheck and all-zero residuals stay finite."""
+    x = wide(x)
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + EPS)
 
 
@@ -47,6 +55,7 @@ def cosine_layer_loss(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
 def onehot_cosine_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Avg_t cos(z_t, e_{y_t}) = 1 - Avg_t z_{t, y_t} / ||z_t|| (v1's L_out, a scale-invariant CE surrogate).
     ``labels`` [B, T] is the token each position predicts; masked-out labels may hold any valid id."""
+    logits = wide(logits)
     z_y = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return 1.0 - masked_mean(z_y * torch.rsqrt((logits * logits).sum(-1) + EPS), mask)
 
@@ -54,6 +63,7 @@ def onehot_cosine_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.T
 def relation_matrices(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Centred token-token cosine geometry per sequence: x_c = x - mean_{t in mask} x_t, G = unit(x_c) unit(x_c)^T,
     [B, T, T]; rows/columns outside the mask are zeroed."""
+    x = wide(x)
     m = mask.to(x.dtype).unsqueeze(-1)
     mean = (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
     u = _unit((x - mean) * m)
@@ -68,7 +78,7 @@ def relation_loss(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch
     number of valid pairs Σ_b n_b^2. Invariant to orthogonal maps and per-sequence shifts of either side, so it
     transfers *relations* between tokens, not absolute states."""
     diff = relation_matrices(x, mask) - relation_matrices(y, mask)
-    n = mask.to(x.dtype).sum(-1)
+    n = mask.to(diff.dtype).sum(-1)
     return (diff * diff).sum() / (n * n).sum().clamp_min(1.0)
 
 
@@ -89,7 +99,7 @@ def fisher_quadratic(z_student: torch.Tensor, z_target: torch.Tensor, mask: torc
 def hidden_mse_loss(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Avg_t ||h_t - target_t||^2 / d: plain representation matching (ablation; the target's scale must be
     calibrated by the caller, since eq. 2's magnitude is arbitrary)."""
-    return masked_mean(((h - target) ** 2).mean(-1), mask)
+    return masked_mean(((wide(h) - wide(target)) ** 2).mean(-1), mask)
 
 
 def _kl(student_logits: Opt, teacher_logits: Opt, out_mask: Opt, temperature: float) -> Tensor:

@@ -21,19 +21,28 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]:
-    """(teacher_dir, student_dir): random Llamas, 4L/64d and 2L/32d, sharing the real SmolLM2 tokenizer."""
-    root = tmp_path_factory.mktemp("models")
+def _tiny_pair(root: Path, tokenizer_dir: Path, dtype: str) -> tuple[Path, Path]:
     tok = {"source": str(tokenizer_dir)}
     shapes = {"teacher": (4, 64, 128), "student": (2, 32, 64)}
     dirs = []
     for role, (layers, hidden, inter) in shapes.items():
         spec = {"random": {"num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": inter,
-                           "num_attention_heads": 2, "num_key_value_heads": 1}, "tokenizer": tok}
+                           "num_attention_heads": 2, "num_key_value_heads": 1}, "tokenizer": tok, "dtype": dtype}
         prepare_model(spec, root / role, seed=1 if role == "teacher" else 2)
         dirs.append(root / role)
     return dirs[0], dirs[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]:
+    """(teacher_dir, student_dir): random Llamas, 4L/64d and 2L/32d, sharing the real SmolLM2 tokenizer."""
+    return _tiny_pair(tmp_path_factory.mktemp("models"), tokenizer_dir, "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_bf16(tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]:
+    """The same pair (same seeds, so the fp32 pair's weights rounded to bf16), stored and run in bfloat16."""
+    return _tiny_pair(tmp_path_factory.mktemp("models_bf16"), tokenizer_dir, "bfloat16")
 
 
 @pytest.fixture

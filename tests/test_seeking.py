@@ -265,3 +265,38 @@ def test_run_refuses_a_deeper_student(tiny_pair, chat_records, tmp_path):
     ctx = _ctx(student_dir, teacher_dir, tmp_path, chat_records)  # 2-layer "teacher", 4-layer "student"
     with pytest.raises(ValueError, match="fewer layers"):
         get_method("seeking").run(ctx)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned, non-blocking host path needs a GPU"))])
+def test_host_sums_equal_device_sums_exactly(tiny_pair_bf16, chat_records, device):
+    """The default (sums on the host) gives the very sums of accumulating beside the parameters, on a bf16 teacher
+    kept in its dtype. With a GPU this goes through the pinned staging slots (more parameters than slots, so
+    slots are drained and reused); on a CPU-only machine both sums live on the host."""
+    model, tok = load_model(tiny_pair_bf16[0], device=device)
+    assert model.dtype == torch.bfloat16
+    model.requires_grad_(True)
+    data = tokenize_records(tok, chat_records[:3], max_len=48)
+    host = sensitivity(model, data, device=SeekingConfig().sensitivity_device)
+    beside = sensitivity(model, data, device=None)
+    assert host.keys() == beside.keys()
+    for n in host:
+        assert host[n].device.type == "cpu" and host[n].dtype == torch.float32
+        assert beside[n].device.type == device
+        assert torch.equal(host[n], beside[n].cpu()), n
+    assert sum(float(s.sum()) for s in host.values()) > 0
+
+
+def test_sensitivity_memory_of_a_13b_teacher():
+    """The docstring's arithmetic for Llama-2-13B at seq 768 (hand values): as written it did not fit an 80 GB
+    GPU; bf16 teacher + host sums does, with the 52 GB of sums on the host."""
+    shape = dict(n_params=13.0e9, largest_param=32000 * 5120, n_layers=40, hidden=5120, intermediate=13824,
+                 vocab=32000, seq_len=768)
+    acts_bf16 = 40 * 768 * (36 * 5120 + 8 * 13824) + 768 * 32000 * 10  # 9.06e9 + 0.25e9
+    old = seeking.sensitivity_memory(param_bytes=4, sums_on_device=True, **shape)
+    assert old["device"] == pytest.approx(52.0e9 + 52.0e9 + 2 * 9.06e9 + 0.25e9 + 1.64e8 * 12, rel=1e-3)
+    beside = seeking.sensitivity_memory(param_bytes=2, sums_on_device=True, **shape)
+    host = seeking.sensitivity_memory(param_bytes=2, sums_on_device=False, **shape)
+    assert host["device"] == pytest.approx(26.0e9 + acts_bf16 + 1.64e8 * 10, rel=1e-3)
+    assert host["host"] == 52.0e9 and beside["device"] == host["device"] + 52.0e9
+    assert old["device"] > 80e9 and beside["device"] > 80e9 > host["device"]

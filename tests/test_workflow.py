@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -279,3 +280,66 @@ def test_smoke_dag_end_to_end(tmp_path):
     report = snakemake(work, cfg, "--report", "results/smoke/report.html", env=env, repo=repo)
     assert report.returncode == 0, report.stderr[-3000:]
     assert (work / "results" / "smoke" / "report.html").stat().st_size > 10_000
+
+
+
+def test_dtype_overrides_every_model_spec(tmp_path):
+    """The top-level `dtype` reaches prepare_model's spec (every later rule loads the prepared weights as stored),
+    and changing it re-prepares the model (a params change) instead of keeping the stale dtype."""
+    target = "results/smoke/models/tiny-student/prepared/manifest.json"
+    for dtype, stored in (("bfloat16", "bfloat16"), (None, "float32")):  # smoke's specs name no dtype: fp32
+        res = snakemake(tmp_path, {**profile("smoke"), "dtype": dtype}, "--cores", "1", "--", target)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads((tmp_path / target).read_text())["dtype"] == stored, dtype
+
+
+def _table_cells(tables: Path) -> dict[tuple[str, int, str], object]:
+    """Every cell of every csv table: (file, row, column) -> value."""
+    return {(f.name, i, col): v for f in sorted(tables.glob("*.csv"))
+            for i, row in enumerate(pd.read_csv(f).to_dict("records")) for col, v in row.items()}
+
+
+def _number(v: object) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def test_smoke_dag_bf16_end_to_end(tmp_path):
+    """The whole smoke DAG in bf16 (`dtype: bfloat16`, the paper's dtype) against the same DAG in fp32: every
+    method trains and evaluates, every model is stored in bf16, no table cell that is a finite number in fp32 is
+    NaN or inf in bf16, and each row's answer NLL is within 0.5% of fp32's.
+
+    Tolerance: a forward pass of the smoke models in bf16 moves the answer NLL (~10.8 nats, near-uniform random
+    models) by <= 1e-4 relative (measured on six chat records); the transfers add one or a few optimizer steps
+    whose bf16 rounding differs. 0.5% (~0.05 nats) allows that, and catches a method whose bf16 run drifts from
+    its fp32 one by more than its own training moved it. The NLL column is reduced in fp32 (lm-eval
+    softmax_dtype) in both runs."""
+    runs = {}
+    for dtype, target in (("float32", "results/smoke/tables/main.md"), ("bfloat16", "all")):
+        work = tmp_path / dtype
+        work.mkdir()
+        res = snakemake(work, {**profile("smoke"), "dtype": dtype}, "--cores", "2", "--", target)
+        assert res.returncode == 0, (dtype, res.stderr[-5000:])
+        runs[dtype] = work / "results" / "smoke"
+    bf16 = runs["bfloat16"]
+    for manifest in [*bf16.glob("models/*/prepared/manifest.json"), *bf16.glob("transfer/**/model/manifest.json")]:
+        assert json.loads(manifest.read_text())["dtype"] == "bfloat16", manifest
+    for method in ["lora_sft", "kd", "layerwise_kd", "seeking", "laten", "semalign"]:
+        assert len(list(bf16.glob(f"transfer/tiny/*/{method}/seed0/model/manifest.json"))) == 4, method
+    laten = json.loads((bf16 / "transfer" / "tiny" / "gsm8k" / "laten" / "seed0" / "train_stats.json").read_text())
+    assert laten["weight_dtype"] == "bfloat16" and laten["delta_nonzero"] > 0
+
+    want, got = (_table_cells(runs[d] / "tables") for d in ("float32", "bfloat16"))
+    for key, v in want.items():
+        x = _number(v)
+        if x is not None and math.isfinite(x):
+            y = _number(got.get(key))
+            assert y is not None and math.isfinite(y), (key, got.get(key))
+    assert not any(_number(v) in (float("inf"), float("-inf")) for v in got.values())
+    main = {d: pd.read_csv(runs[d] / "tables" / "main.csv").set_index("method") for d in runs}
+    assert list(main["bfloat16"].index) == list(main["float32"].index)
+    for col in ["MMLU NLL", "GSM8K NLL", "HumanEval NLL", "MBPP NLL"]:
+        fp, bf = (main[d][col].astype(float) for d in ("float32", "bfloat16"))
+        assert ((bf - fp).abs() <= 0.005 * fp).all(), (col, pd.concat([fp, bf], axis=1))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from semalign.suite.models import load_manifest, load_model, save_prepared
+from semalign.suite.models import DTYPES, load_manifest, load_model, save_prepared
 from semalign.suite.sources import load_gsm8k_train, load_test_set
 
 CHAT_FRACTION = 0.5  # share of GSM8K items rendered with the chat template (rest as plain "Question/Answer")
@@ -224,5 +224,6 @@ def bootstrap_student(
         "device": device,
     }
     model.eval()
+    model.to(DTYPES[manifest["dtype"]])  # trained in fp32 (AdamW updates), stored in the prepared model's dtype
     save_prepared(model, tok, manifest, Path(out_dir))
     return manifest

@@ -63,7 +63,9 @@ def evaluate_model(model_dir: Path, task: str, test_file: Path, *, allow_code_ex
     if model is None:
         from lm_eval.models.huggingface import HFLM
 
-        model = HFLM(pretrained=str(model_dir), device=device or "cpu", batch_size=batch_size)
+        # the checkpoint's dtype for the model; the gold-answer log-softmax (the NLL column) in fp32 whatever it is
+        model = HFLM(pretrained=str(model_dir), device=device or "cpu", batch_size=batch_size, dtype="auto",
+                     softmax_dtype="float32")
     chat = _has_chat_template(model) if chat_template is None else bool(chat_template)
     cfgs = task_configs(task, test_file, max_gen_toks=max_gen_toks, chat=chat)
 

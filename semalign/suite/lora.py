@@ -49,13 +49,19 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def full_precision(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in fp32 for full fine-tuning: AdamW keeps no master copy, and a bf16 weight drops every step
+    below half its ulp (2^-9·|w|: a 3e-5 step on |w| >= 0.015), so the steps accumulate in fp32 and the saved
+    model is cast back to its stored dtype once (:func:`semalign.suite.models.save_model`). LoRA needs none of
+    this: peft keeps adapters in fp32 over a bf16 base."""
+    return model.float()
+
+
 def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """LoRA adapters on ``cfg.lora_targets``, or every weight trainable."""
+    """LoRA adapters on ``cfg.lora_targets``, or every weight trainable (in fp32, :func:`full_precision`)."""
     if cfg.trainable == "lora":
         untie_targeted_embeddings(model, cfg.lora_targets)
         return apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    return full_precision(model).requires_grad_(True)
 
 

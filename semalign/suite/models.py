@@ -350,9 +350,12 @@ def lm_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path, manifest: dict) -> Path:
-    """Save a trained model as a prepared dir (LoRA merged in), atomically, with the parent's manifest updated."""
+    """Save a trained model as a prepared dir (LoRA merged in), atomically, with the parent's manifest updated.
+    Stored in the manifest's dtype: a model trained in fp32 over a bf16 student is rounded once, here, after the
+    merge (peft adds its fp32 delta to the base in one rounding)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    model.to(DTYPES[manifest["dtype"]])
     manifest = {**manifest, "n_params": sum(p.numel() for p in model.parameters()),
                 "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False))}  # Seeking unties
     return save_prepared(model, tokenizer, manifest, out_dir)

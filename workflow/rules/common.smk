@@ -165,6 +165,15 @@ def methods_on(task: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- models, data
+def model_spec(name: str) -> dict:
+    """What prepare_model resolves for model ``name``: its spec without the bootstrap section, with the top-level
+    `dtype` (when set) replacing the spec's own, so every later rule loads the weights in that dtype."""
+    spec = {k: v for k, v in config["models"][name].items() if k != "bootstrap"}
+    if config["dtype"]:
+        spec["dtype"] = config["dtype"]
+    return spec
+
+
 def model_manifest(name: str) -> str:
     """Manifest of the usable model (its dir is the parent): bootstrapped if the spec asks for it, else as prepared."""
     stage = "bootstrapped" if "bootstrap" in config["models"][name] else "prepared"

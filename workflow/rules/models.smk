@@ -5,7 +5,7 @@ rule prepare_model:
     output:
         f"{R}/models/{{model}}/prepared/manifest.json",
     params:
-        spec=lambda wc: {k: v for k, v in config["models"][wc.model].items() if k != "bootstrap"},
+        spec=lambda wc: model_spec(wc.model),
         seed=SEEDS[0],
     log:
         f"{LOGS}/prepare_model/{{model}}.log",
