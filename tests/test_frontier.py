@@ -295,22 +295,30 @@ def deep_students(tiny_pair, tokenizer_dir, tmp_path_factory):
     return dirs
 
 
-def _record_stage_inputs(monkeypatch, loss: str = "v2") -> list[dict]:
-    """Make every stage see all rows in order in one step and record what the trainer hands the objective."""
+def _record_stage_inputs(monkeypatch, loss: str = "v2") -> tuple[list[dict], list[torch.Tensor]]:
+    """Make every stage see all rows in order in one step and record what the trainer hands the objective: the
+    layer term's arguments and the student logits of the output term."""
     import semalign.frontier as frontier
     from semalign.losses import LOSSES
 
     calls: list[dict] = []
+    logits: list[torch.Tensor] = []
     objective = LOSSES[loss]
-    layer = type(objective).layer
+    layer, output = type(objective).layer, type(objective).output
 
     def recording(student, target, mask):
         calls.append({"student": student.detach().clone(), "target": target.detach().clone(), "mask": mask.clone()})
         return layer(objective, student, target, mask)
 
+    def recording_output(student_logits, *args):
+        if student_logits is not None:
+            logits.append(student_logits.detach().clone())
+        return output(objective, student_logits, *args)
+
     monkeypatch.setattr(objective, "layer", recording)
+    monkeypatch.setattr(objective, "output", recording_output)
     monkeypatch.setattr(frontier, "batches", lambda n, bs, seed, epoch: [torch.arange(n)])
-    return calls
+    return calls, logits
 
 
 @pytest.mark.parametrize("L_S,target", sorted(HAND_SPANS))
@@ -325,7 +333,7 @@ def test_trainer_feeds_each_stage_the_hand_target(setup, deep_students, tmp_path
     model, _ = load_model(deep_students[L_S], device="cpu", trainable=True)
     h_s = _states(model, rows)
     m = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) / 8
-    calls = _record_stage_inputs(monkeypatch)
+    calls, _ = _record_stage_inputs(monkeypatch)
     cfg = SemAlignConfig(**{**FAST, "batch_size": 5, "micro_batch_size": 5, "trainable": "full", "target": target,
                             "kl_every_stage": False})
     train_frontier(model, cache, pair_layers(4, L_S, "depth_ratio"), cfg, tmp_path, seed=0, m=m)
@@ -353,7 +361,7 @@ def test_step0_losses_recomputed_from_raw_states(setup, tmp_path, monkeypatch):
     rows = {"input_ids": cache.input_ids, "attention_mask": cache.attention_mask}
     h_t = _states(load_model(teacher_dir, device="cpu", trainable=True)[0], rows)
     m = torch.load(cache_path.parent / "map.pt")
-    _record_stage_inputs(monkeypatch)
+    _, logits = _record_stage_inputs(monkeypatch)
     initial, trained = _run_direct(setup, tmp_path, batch_size=5, micro_batch_size=5, trainable="full",
                                    kl_every_stage=True, lr=0.05)
     curve = {(int(r["stage"]), int(r["step"])): r for r in csv.DictReader(open(tmp_path / "loss_curve.csv"))}
@@ -363,14 +371,19 @@ def test_step0_losses_recomputed_from_raw_states(setup, tmp_path, monkeypatch):
     real = rows["attention_mask"].bool()
     for k, (start, end) in enumerate(HAND_SPANS[2, "block"], start=1):
         model, _ = load_model(student_dir, device="cpu", trainable=True)
-        state = {**trained.state_dict(), **{n: v for n, v in initial.items() if n.startswith(f"model.layers.{k - 1}.")}}
-        model.load_state_dict(state)  # the student as stage k found it
+        untouched = {n: v for n, v in initial.items() if n.startswith("model.layers.") and int(n.split(".")[2]) >= k - 1}
+        model.load_state_dict({**trained.state_dict(), **untouched})  # the student as stage k found it
         h_s = _states(model, rows)
         target = (h_t[end] - h_t[start]) @ m.T
         layer = relation_loss(h_s[k] - h_s[k - 1], target, real)
         log_p = torch.log_softmax(h_t["logits"][answer], -1)
         log_q = torch.log_softmax(h_s["logits"][answer], -1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        # the output term reads the whole suffix k+1..L_S: the logits are the plain forward's, to float precision,
+        # and visibly not those of a suffix missing its last layer
+        assert torch.allclose(logits[k - 1][0], h_s["logits"][answer], atol=1e-4), f"stage {k}"
+        skipped = model.lm_head(model.model.norm(h_s[1]))[answer] if k == 1 else None
+        assert skipped is None or (skipped - h_s["logits"][answer]).abs().max() > 1e-2
         assert float(curve[k, 0]["layer_loss"]) == pytest.approx(layer.item(), rel=1e-4), f"stage {k}"
         assert float(curve[k, 0]["kl"]) == pytest.approx(kl.item(), rel=2e-3), f"stage {k}"
     assert not torch.equal(trained.state_dict()["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])

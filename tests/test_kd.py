@@ -92,17 +92,29 @@ def test_run_transfer_counts_layer_passes(tiny_pair, cache, tmp_path):
     assert not any(k.startswith(("teacher", "other")) for k in passes)
 
 
-def test_kd_step0_loss_is_the_hand_tempered_forward_kl(tiny_pair, cache, tmp_path):
+def test_kd_step0_loss_is_the_hand_tempered_forward_kl(tiny_pair, chat_records, tmp_path, monkeypatch):
     """KD's first logged loss (one full batch, untouched student) equals T^2 KL(p_T || p_S) at temperature T = 2,
     averaged over the answer-predicting positions only (position t predicts token t+1), computed here from the two
-    models' own forwards: a reverse KL, an ignored temperature or prompt tokens in the mean would each differ."""
+    models' own forwards. The teacher's final-norm gain is raised 30x so its distributions are peaked and differ per
+    position (a random tiny teacher is near uniform, where forward and reverse KL and any token subset agree):
+    a reverse KL, an ignored temperature or prompt tokens in the mean then each miss by far more than fp16's error."""
     import csv
 
+    import baselines.kd as kd
+    import semalign.suite.train as train
+
     teacher, student = tiny_pair
+    sharp, tok = load_model(teacher, trainable=True)
+    with torch.no_grad():
+        sharp.model.norm.weight.mul_(30.0)
+    sharp.save_pretrained(tmp_path / "sharp")
+    tok.save_pretrained(tmp_path / "sharp")
+    cache = tmp_path / "sharp.pt"
+    build_teacher_cache(tmp_path / "sharp", chat_records, layers=[], max_len=48, batch_size=6, out_path=cache)
     c = TeacherCache.load(cache)
     rows = {"input_ids": c.input_ids, "attention_mask": c.attention_mask}
     with torch.no_grad():
-        z_t = load_model(teacher)[0](**rows).logits.double()
+        z_t = sharp.eval()(**rows).logits.double()
         z_s = load_model(student)[0](**rows).logits.double()
     answer = torch.zeros_like(c.loss_mask, dtype=torch.bool)
     answer[:, :-1] = c.loss_mask[:, 1:].bool()
@@ -110,8 +122,13 @@ def test_kd_step0_loss_is_the_hand_tempered_forward_kl(tiny_pair, cache, tmp_pat
     log_p = torch.log_softmax(z_t[answer] / 2, -1)
     log_q = torch.log_softmax(z_s[answer] / 2, -1)
     expect = 4 * (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    seen: list[torch.Tensor] = []
+    real_kl = kd.output_kl
+    monkeypatch.setattr(kd, "output_kl", lambda s, t, *a: seen.append(s.detach().clone()) or real_kl(s, t, *a))
+    monkeypatch.setattr(train, "batches", lambda n, bs, seed, epoch: [torch.arange(n)])  # rows in order
     out, ctx = _kd(tiny_pair, cache, tmp_path, "t2", epochs=1, trainable="full", batch_size=6, micro_batch_size=6,
                    temperature=2.0)
+    assert torch.allclose(seen[0].double(), z_s[answer], atol=1e-4)  # the student's logits at the answer positions
     first = next(csv.DictReader(open(ctx.out_dir / "loss_curve.csv")))
     assert float(first["loss"]) == pytest.approx(expect, rel=2e-3)
 
