@@ -263,6 +263,11 @@ def test_stage_span_by_hand():
     backwards = {**mixed, "pairs": [{"student": 1, "teacher": [[3, 1.0]]}, {"student": 2, "teacher": [[2, 1.0]]}]}
     with pytest.raises(ValueError, match="depth order"):
         stage_span(backwards, 2, "block")
+    # what the config reads, hence what SemAlign asks the cache for
+    assert SemAlignConfig().states == "block" and SemAlignConfig(target="layer").states == "residual"
+    assert SemAlignConfig(loss="acl").states == "end" and SemAlignConfig(interface="output").states == "end"
+    with pytest.raises(ValueError, match="semalign.target"):
+        SemAlignConfig(target="blocks")
 
 
 def _states(model, rows: dict) -> dict[int, torch.Tensor]:
