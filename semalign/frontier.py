@@ -6,7 +6,7 @@ Stage k, for each student layer k listed in the pairing (increasing):
    last stage or over stages a resumed run reloads);
 2. only layer k is trainable (all its weights, or LoRA r=16 on its up/down/v/o projections, merged at the end
    of the stage); per step the layer runs on the stored h_{k-1}, its loss compares it with the aligned teacher
-   target of the paired layer(s) from the cache, and, every stage or only at the last one, the frozen suffix
+   target of the stage (:func:`stage_span`) from the cache, and, every stage or only at the last one, the frozen suffix
    k+1..L_S + final norm + head runs so the output term (KL to the cached teacher logits) reaches layer k;
 3. layer k's weights are checkpointed atomically to ``ckpt/<config hash>/stage_{k}.pt``; a re-run resumes after the last
    complete stage (recomputing the prefix from the embeddings once) and ends bit-identical to an uninterrupted
@@ -20,6 +20,16 @@ gives every stage ``epochs`` full passes, about L_S times KD's steps.
 Choices where the paper is silent (documented in :class:`SemAlignConfig`): the budget, fresh AdamW per stage, layer losses over all real tokens (the teacher saw the same tokens), the output term over answer tokens,
 and the teacher target mapped linearly (M x); eq. 1's per-token 1/||h_T|| is immaterial for v1 (cosine) and
 ACL (read out through RMSNorm), and would distort v2's centring, so we do not apply it.
+
+The target of stage k (``target``, :func:`stage_span`). Student layer k takes the place of the whole teacher block
+t(k-1)+1..t(k) between the teacher layer paired with the previous student layer and its own (t(0) = embeddings):
+by default (``block``) its residual contribution Δ_k = h_k - h_{k-1} is matched with the block's contribution
+h_{t(k)} - h_{t(k-1)}, so the student layers' contributions sum to the teacher's; ``layer`` (ablation) matches it
+with the paired teacher layer's own contribution h_{t(k)} - h_{t(k)-1}, which ignores the rest of the block. At
+the output interface both read the state h_{t(k)} (a block ends where its last layer does). t(·) of a weighted
+pair is its weighted sum; a student layer the pairing does not list (``last_only``, critical-only pairings) stands
+for its depth-ratio layer. A student deeper than its teacher has layers sharing a teacher layer: the block of all
+but the first is empty, its target zero (the layer should add nothing the teacher adds).
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ from semalign.attribution import DEFAULT_METHOD as DEFAULT_ATTRIBUTION
 from semalign.attribution import METHODS as ATTRIBUTION_METHODS
 from semalign.bases import align
 from semalign.losses import LOSSES, Objective, get_loss
-from semalign.pairing import STRATEGIES, teacher_layers_needed, validate_pairing
+from semalign.pairing import STRATEGIES, depth_ratio_layer, validate_pairing
 from semalign.suite.cache import TeacherCache
 from semalign.suite.io import atomic_torch_save, write_csv
 from semalign.suite.lora import apply_lora, full_precision
@@ -55,6 +65,7 @@ class SemAlignConfig:
     pairing: str = "attributed"  # semalign.pairing strategy; the workflow builds the pairing file it names
     attribution: str = DEFAULT_ATTRIBUTION  # feeds the attributed pairings (paper: Layer Grad x Act, see attribution)
     interface: str | None = None  # "residual" (h_k - h_{k-1}) | "output" (h_k); None = the loss's default
+    target: str = "block"  # residual target: "block" h_{t(k)} - h_{t(k-1)} | "layer" h_{t(k)} - h_{t(k)-1} (ours)
     recompose: str = "semantic"  # "semantic" = fixed VDS map M | "projector" = learned linear map (ablation)
     fold_final_norm: bool = True  # bases of W_head diag(γ), the lens the model reads through (semalign.bases)
     trainable: str = "lora"  # "lora" (paper: r=16 on up/down/v/o) | "full" (all of layer k)
@@ -81,6 +92,7 @@ class SemAlignConfig:
                   "recompose": (self.recompose, ("semantic", "projector")),
                   "trainable": (self.trainable, ("lora", "full")),
                   "budget": (self.budget, BUDGETS),
+                  "target": (self.target, ("block", "layer")),
                   "pairing": (self.pairing, STRATEGIES),
                   "attribution": (self.attribution, ATTRIBUTION_METHODS)}
         for key, (value, allowed) in checks.items():
@@ -95,6 +107,13 @@ class SemAlignConfig:
     @property
     def resolved_interface(self) -> str:
         return self.interface or self.objective.interface
+
+    @property
+    def states(self) -> str:
+        """The teacher states the target reads (:data:`STATES`): "end" at the output interface, else the target."""
+        if self.resolved_interface == "output":
+            return "end"
+        return "block" if self.target == "block" else "residual"
 
     def fingerprint(self) -> dict:
         """What a checkpoint must agree on to be resumed (stop_after_stage may differ)."""
@@ -179,12 +198,42 @@ def prefix_forward(
     return out
 
 
-def teacher_state(cache: TeacherCache, pair: dict, idx: torch.Tensor, T: int, interface: str, dev) -> torch.Tensor:
-    """Σ_l w_l x_l for the pair's teacher layers, x_l = h_l (output) or h_l - h_{l-1} (residual), [b, T, d_T]."""
-    x = cache.state(pair["teacher"], idx, T, dev)
-    if interface == "residual":
-        x = x - cache.state([[l - 1, w] for l, w in pair["teacher"]], idx, T, dev)
-    return x
+STATES = ("end", "residual", "block")  # what a stage's target reads: h_{t(k)}, minus h_{t(k)-1}, minus h_{t(k-1)}
+
+
+def stage_span(pairing: dict, k: int, states: str) -> tuple[list, list | None]:
+    """(end, start) teacher terms [[l, w], ...] of stage k's target Σ_end w h_l - Σ_start w h_l (start None: the
+    state itself): "end" = h_{t(k)}, "residual" = h_{t(k)} - h_{t(k)-1}, "block" = h_{t(k)} - h_{t(k-1)} with
+    t(k-1) the terms of student layer k-1 (its depth-ratio layer if the pairing does not list it; 0 for k = 1)."""
+    if states not in STATES:
+        raise ValueError(f"states must be one of {STATES}, got {states!r}")
+    pair_of = {p["student"]: p["teacher"] for p in pairing["pairs"]}
+    end = pair_of[k]
+    if states == "end":
+        return end, None
+    if states == "residual":
+        return end, [[l - 1, w] for l, w in end]
+    prev = k - 1
+    start = pair_of.get(prev, [[depth_ratio_layer(pairing["teacher_layers"], pairing["student_layers"], prev), 1.0]]
+                        if prev else [[0, 1.0]])
+    depth = [sum(l * w for l, w in terms) for terms in (start, end)]
+    if depth[0] > depth[1]:
+        raise ValueError(f"stage {k}: block target needs teacher layers in depth order, but student layer {prev} "
+                         f"pairs with {start} and layer {k} with {end}")
+    return end, start
+
+
+def teacher_layers_for(pairing: dict, states: str) -> list[int]:
+    """Teacher layers (0 = embeddings) a cache must hold for every stage's target (:func:`stage_span`)."""
+    spans = [stage_span(pairing, p["student"], states) for p in pairing["pairs"]]
+    return sorted({l for end, start in spans for l, _ in end + (start or [])})
+
+
+def teacher_target(cache: TeacherCache, span: tuple[list, list | None], idx: torch.Tensor, T: int, dev) -> torch.Tensor:
+    """The teacher quantity of a :func:`stage_span` for rows ``idx``, [b, T, d_T], differenced in fp32."""
+    end, start = span
+    x = cache.state(end, idx, T, dev)
+    return x if start is None else x - cache.state(start, idx, T, dev)
 
 
 def _with_output(cfg: SemAlignConfig, last_stage: bool) -> bool:
@@ -218,11 +267,11 @@ def train_frontier(
     L_S = len(layers)
     validate_pairing(pairing, L_S=L_S)
     interface = cfg.resolved_interface
-    needed = teacher_layers_needed(pairing, residual=interface == "residual")
+    needed = teacher_layers_for(pairing, cfg.states)
     missing = sorted(set(needed) - set(cache.layers)) if cfg.objective.uses_layer_target else []
     if missing:
         raise ValueError(f"teacher cache lacks layers {missing} needed by this pairing; rebuild it with "
-                         f"layers={needed} (semalign.pairing.teacher_layers_needed)")
+                         f"layers={needed} (semalign.frontier.teacher_layers_for)")
     if cfg.recompose == "semantic" and m is None and cfg.objective.uses_layer_target:
         raise ValueError("recompose=semantic needs the aligned map M (semalign.bases.aligned_map)")
     if cfg.trainable == "full":
@@ -234,7 +283,6 @@ def train_frontier(
     n = len(cache)
     data = {"input_ids": cache.input_ids, "attention_mask": cache.attention_mask, "loss_mask": cache.loss_mask}
     stages = [p["student"] for p in pairing["pairs"]]
-    pair_of = {p["student"]: p for p in pairing["pairs"]}
     ckpt = checkpoint_dir(out_dir, {"config": cfg.fingerprint(), "pairing": pairing, "seed": seed})
 
     # Resume: reload every complete stage (contiguous from the first); the first stage left rebuilds the prefix.
@@ -268,10 +316,10 @@ def train_frontier(
         params = [p for p in layers[k - 1].parameters() if p.requires_grad]
         projector = None
         if cfg.recompose == "projector" and cfg.objective.uses_layer_target:
-            d_t = cache.layer(pair_of[k]["teacher"][0][0]).shape[-1]
+            d_t = cache.head_weight.shape[-1]  # the teacher's width
             projector = torch.nn.Linear(d_t, h_prev.shape[-1], bias=False, device=dev)
             params += list(projector.parameters())
-        stage = _Stage(model, cache, head_t, pair_of[k], k, L_S, m, projector,
+        stage = _Stage(model, cache, head_t, stage_span(pairing, k, cfg.states), k, L_S, m, projector,
                        with_output=_with_output(cfg, k == stages[-1]), cfg=cfg, interface=interface)
         if cfg.objective.calibrated and projector is None:
             stage.calibrate(h_prev, data["attention_mask"])
@@ -316,7 +364,7 @@ class _Stage:
     model: torch.nn.Module
     cache: TeacherCache
     head_t: torch.Tensor  # teacher LM head on the training device
-    pair: dict
+    span: tuple[list, list | None]  # the stage's teacher terms (stage_span)
     k: int
     L_S: int
     m: torch.Tensor | None
@@ -329,7 +377,7 @@ class _Stage:
     def target(self, idx: torch.Tensor, T: int) -> torch.Tensor:
         """Aligned teacher quantity [b, T, d_S]: M x (linear, see module doc) or the learned projector."""
         dev = self.head_t.device
-        x = teacher_state(self.cache, self.pair, idx, T, self.interface, dev)
+        x = teacher_target(self.cache, self.span, idx, T, dev)
         return self.projector(x) if self.projector is not None else align(x, self.m, normalize=False)
 
     def loss(self, micro: torch.Tensor, b: dict[str, torch.Tensor], x: torch.Tensor, h: torch.Tensor):

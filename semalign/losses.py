@@ -97,9 +97,17 @@ def fisher_quadratic(z_student: torch.Tensor, z_target: torch.Tensor, mask: torc
 
 
 def hidden_mse_loss(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Avg_t ||h_t - target_t||^2 / d: plain representation matching (ablation; the target's scale must be
-    calibrated by the caller, since eq. 2's magnitude is arbitrary)."""
-    return masked_mean(((wide(h) - wide(target)) ** 2).mean(-1), mask)
+    """Avg_t ||h_t - target_t||^2 / ||target_t||^2: representation matching by per-token relative squared error
+    (ablation; the target's scale must still be calibrated by the caller, since eq. 2's magnitude is arbitrary).
+
+    Per token, not per element: a plain MSE is carried by whichever tokens have the largest states, and on
+    SmolLM2 the attention-sink position (token 0, ||h|| ~ 2.5e4 against ~1e2 elsewhere) would make up nearly all
+    of it; dividing by the target's own squared norm weighs every token's error relative to its size, so each
+    real token counts once. A relative error needs a nonzero target: at its default (output) interface the
+    target is a state; an empty teacher block at the residual interface would make it ill-posed."""
+    h, target = wide(h), wide(target)
+    err = ((h - target) ** 2).sum(-1) / ((target * target).sum(-1) + EPS)
+    return masked_mean(err, mask)
 
 
 def _kl(student_logits: Opt, teacher_logits: Opt, out_mask: Opt, temperature: float) -> Tensor:
@@ -188,7 +196,7 @@ class ACL(Objective):
 
 @register_loss
 class HiddenMSE(Objective):
-    """Ablation: MSE to the (scale-calibrated) aligned state + output KL."""
+    """Ablation: per-token relative MSE to the (scale-calibrated) aligned state + output KL."""
 
     name = "hidden_mse"
     interface = "output"

@@ -65,8 +65,7 @@ class SemAlign(Method):
         pairing = Pairing.of(cfg.pairing, cfg.attribution)
         needs: list[Artifact] = [pairing]
         if cfg.objective.uses_layer_target:
-            states = "residual" if cfg.resolved_interface == "residual" else "end"
-            needs.append(TeacherCache(pairing.name, states))
+            needs.append(TeacherCache(pairing.name, cfg.states))
             if cfg.recompose == "semantic":
                 needs.append(AlignedMap.of(cfg.fold_final_norm))
         else:

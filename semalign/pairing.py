@@ -170,13 +170,3 @@ def validate_pairing(pairing: dict, L_T: int | None = None, L_S: int | None = No
             raise ValueError(f"pair {p} has teacher layers outside 1..{lt}")
         if abs(sum(w for _, w in p["teacher"]) - 1.0) > 1e-9:
             raise ValueError(f"pair {p}: weights must sum to 1")
-
-
-def teacher_layers_needed(pairing: dict, residual: bool = True) -> list[int]:
-    """Teacher layers the cache must hold; with ``residual`` also each predecessor l - 1 (0 = embeddings), for
-    residual contributions h_l - h_{l-1}."""
-    layers = {l for p in pairing["pairs"] for l, _ in p["teacher"]}
-    if residual:
-        layers |= {l - 1 for l in layers}
-    return sorted(layers)
-

@@ -8,7 +8,8 @@ import torch
 
 from baselines.laten import attribution_input, capture, commit_deltas, neuron_scores
 from semalign.bases import build_aligned_map
-from semalign.pairing import pair_layers, teacher_layers_needed
+from semalign.frontier import teacher_layers_for
+from semalign.pairing import pair_layers
 from semalign.suite.cache import build_teacher_cache
 from semalign.suite.chat import tokenize_records
 from semalign.suite.io import write_jsonl
@@ -36,7 +37,7 @@ def bf16_inputs(tiny_pair_bf16, chat_records, tmp_path):
         write_jsonl(root / "splits" / f"{name}.jsonl", part)
     pairing = pair_layers(4, 2, "depth_ratio")
     (root / "pairing.json").write_text(json.dumps(pairing))
-    build_teacher_cache(teacher, recs, layers=teacher_layers_needed(pairing), max_len=48, batch_size=4,
+    build_teacher_cache(teacher, recs, layers=teacher_layers_for(pairing, "block"), max_len=48, batch_size=4,
                         out_path=root / "teacher.pt")
     build_aligned_map(teacher, student, root / "aligned_map.pt")
     return root

@@ -13,10 +13,12 @@ from semalign.frontier import (
     prefix_forward,
     run_layers,
     stage_batches,
+    stage_span,
     stage_trainable_params,
+    teacher_layers_for,
     train_frontier,
 )
-from semalign.pairing import pair_layers, teacher_layers_needed
+from semalign.pairing import pair_layers
 from semalign.suite.cache import TeacherCache, build_teacher_cache
 from semalign.suite.models import load_model
 from semalign.suite.registry import TransferContext
@@ -26,7 +28,8 @@ FAST = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2}
 
 @pytest.fixture(scope="module")
 def setup(tiny_pair, tmp_path_factory):
-    """(teacher_dir, student_dir, cache_path, pairing_path): teacher 4L -> student 2L, depth-ratio pairs (2, 4)."""
+    """(teacher_dir, student_dir, cache_path, pairing_path): teacher 4L -> student 2L, depth-ratio pairs (2, 4); the
+    cache holds every teacher state (0 = embeddings .. 4), so any pairing and target can read it."""
     teacher, student = tiny_pair
     root = tmp_path_factory.mktemp("frontier")
     pairing = pair_layers(4, 2, "depth_ratio")
@@ -34,7 +37,7 @@ def setup(tiny_pair, tmp_path_factory):
     qa = [("What is 2 + 3?", "So the answer is 5."), ("Name a prime.", "7 is prime."),
           ("Capital of France?", "Paris."), ("Is 4 even?", "Yes, 4 is even."), ("def f():", "    return 1")]
     records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
-    build_teacher_cache(teacher, records, layers=teacher_layers_needed(pairing), max_len=40, batch_size=4,
+    build_teacher_cache(teacher, records, layers=list(range(5)), max_len=40, batch_size=4,
                         out_path=root / "cache.pt")
     m = aligned_map(load_model(student, device="cpu")[0].lm_head.weight, TeacherCache.load(root / "cache.pt").head_weight)
     torch.save(m, root / "map.pt")  # computed once: the SVD of a 49k-token head dominates a tiny run
@@ -293,3 +296,163 @@ def test_stage_batches_cut_kds_stream():
     assert torch.equal(per_stage[1][0], batches(10, 3, 5, 2)[0])  # stage 2 starts at the stream's third epoch
     with pytest.warns(UserWarning, match="last 2 stages train no step"):
         assert [len(r) for r in stage_batches(4, SemAlignConfig(epochs=1, batch_size=4), 3, seed=0)] == [1, 0, 0]
+
+
+# Hand tables, teacher depth 4, depth-ratio pairing t(k) = max(1, floor(4k / L_S)): (start, end) teacher states of
+# every stage's residual target h_end - h_start. block: start = t(k-1), t(0) = 0; layer: start = t(k) - 1.
+HAND_SPANS = {
+    (2, "block"): [(0, 2), (2, 4)],  # integer ratio: t = 2, 4
+    (2, "layer"): [(1, 2), (3, 4)],
+    (3, "block"): [(0, 1), (1, 2), (2, 4)],  # 4/3: t = 1, 2, 4
+    (3, "layer"): [(0, 1), (1, 2), (3, 4)],
+    (6, "block"): [(0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (3, 4)],  # deeper student: t = 1, 1, 2, 2, 3, 4
+    (6, "layer"): [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (3, 4)],
+}
+
+
+def test_stage_span_by_hand():
+    for (L_S, target), spans in HAND_SPANS.items():
+        pairing = pair_layers(4, L_S, "depth_ratio")
+        states = "block" if target == "block" else "residual"
+        got = [stage_span(pairing, k, states) for k in range(1, L_S + 1)]
+        assert got == [([[end, 1.0]], [[start, 1.0]]) for start, end in spans], (L_S, target)
+        assert [stage_span(pairing, k, "end") for k in range(1, L_S + 1)] == [([[e, 1.0]], None) for _, e in spans]
+    # a student layer the pairing does not list stands for its depth-ratio layer: last_only 4 -> 2 starts at t(1) = 2
+    assert stage_span(pair_layers(4, 2, "last_only"), 2, "block") == ([[4, 1.0]], [[2, 1.0]])
+    # weighted pairs: the block starts at the previous pair's weighted state
+    mixed = {"strategy": "interpolated", "teacher_layers": 4, "student_layers": 2,
+             "pairs": [{"student": 1, "teacher": [[2, 0.25], [3, 0.75]]}, {"student": 2, "teacher": [[4, 1.0]]}]}
+    assert stage_span(mixed, 2, "block") == ([[4, 1.0]], [[2, 0.25], [3, 0.75]])
+    assert teacher_layers_for(mixed, "block") == [0, 2, 3, 4] and teacher_layers_for(mixed, "residual") == [1, 2, 3, 4]
+    backwards = {**mixed, "pairs": [{"student": 1, "teacher": [[3, 1.0]]}, {"student": 2, "teacher": [[2, 1.0]]}]}
+    with pytest.raises(ValueError, match="depth order"):
+        stage_span(backwards, 2, "block")
+    # what the config reads, hence what SemAlign asks the cache for
+    assert SemAlignConfig().states == "block" and SemAlignConfig(target="layer").states == "residual"
+    assert SemAlignConfig(loss="acl").states == "end" and SemAlignConfig(interface="output").states == "end"
+    with pytest.raises(ValueError, match="semalign.target"):
+        SemAlignConfig(target="blocks")
+
+
+def _states(model, rows: dict) -> dict[int, torch.Tensor]:
+    """Residual stream after every layer (0 = embeddings) from a plain HF forward with hooks, fp32."""
+    out: dict[int, torch.Tensor] = {}
+    mods = [model.model.embed_tokens, *model.model.layers]
+    hooks = [m.register_forward_hook(lambda _m, _i, o, j=j: out.__setitem__(j, (o[0] if isinstance(o, tuple) else o)
+                                                                               .detach().float()))
+             for j, m in enumerate(mods)]
+    with torch.no_grad():
+        logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits.float()
+    for h in hooks:
+        h.remove()
+    out["logits"] = logits
+    return out
+
+
+@pytest.fixture(scope="module")
+def deep_students(tiny_pair, tokenizer_dir, tmp_path_factory):
+    """Students of depth 2 (the tiny pair's), 3 (non-integer ratio 4/3) and 6 (deeper than the teacher)."""
+    from semalign.suite.models import prepare_model
+
+    root = tmp_path_factory.mktemp("students")
+    dirs = {2: tiny_pair[1]}
+    for depth in (3, 6):
+        spec = {"random": {"num_hidden_layers": depth, "hidden_size": 32, "intermediate_size": 64,
+                           "num_attention_heads": 2, "num_key_value_heads": 1}, "tokenizer": {"source": str(tokenizer_dir)}}
+        prepare_model(spec, root / f"s{depth}", seed=depth)
+        dirs[depth] = root / f"s{depth}"
+    return dirs
+
+
+def _record_stage_inputs(monkeypatch, loss: str = "v2") -> tuple[list[dict], list[torch.Tensor]]:
+    """Make every stage see all rows in order in one step and record what the trainer hands the objective: the
+    layer term's arguments and the student logits of the output term."""
+    import semalign.frontier as frontier
+    from semalign.losses import LOSSES
+
+    calls: list[dict] = []
+    logits: list[torch.Tensor] = []
+    objective = LOSSES[loss]
+    layer, output = type(objective).layer, type(objective).output
+
+    def recording(student, target, mask):
+        calls.append({"student": student.detach().clone(), "target": target.detach().clone(), "mask": mask.clone()})
+        return layer(objective, student, target, mask)
+
+    def recording_output(student_logits, *args):
+        if student_logits is not None:
+            logits.append(student_logits.detach().clone())
+        return output(objective, student_logits, *args)
+
+    monkeypatch.setattr(objective, "layer", recording)
+    monkeypatch.setattr(objective, "output", recording_output)
+    monkeypatch.setattr(frontier, "batches", lambda n, bs, seed, epoch: [torch.arange(n)])
+    return calls, logits
+
+
+@pytest.mark.parametrize("L_S,target", sorted(HAND_SPANS))
+def test_trainer_feeds_each_stage_the_hand_target(setup, deep_students, tmp_path, monkeypatch, L_S, target):
+    """Stage k's loss receives M (h_end - h_start) with (start, end) from HAND_SPANS, teacher states from a plain
+    HF forward (not the cache), and, at stage 1, the student's own Δ_1 = h_1 - h_0 (the residual interface)."""
+    teacher_dir, _, cache_path, _ = setup
+    cache = TeacherCache.load(cache_path)
+    rows = {"input_ids": cache.input_ids, "attention_mask": cache.attention_mask}
+    teacher, _ = load_model(teacher_dir, device="cpu", trainable=True)
+    h_t = _states(teacher, rows)
+    model, _ = load_model(deep_students[L_S], device="cpu", trainable=True)
+    h_s = _states(model, rows)
+    m = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) / 8
+    calls, _ = _record_stage_inputs(monkeypatch)
+    cfg = SemAlignConfig(**{**FAST, "batch_size": 5, "micro_batch_size": 5, "trainable": "full", "target": target,
+                            "kl_every_stage": False})
+    train_frontier(model, cache, pair_layers(4, L_S, "depth_ratio"), cfg, tmp_path, seed=0, m=m)
+    assert len(calls) == L_S  # one step per stage
+    for k, ((start, end), call) in enumerate(zip(HAND_SPANS[L_S, target], calls), start=1):
+        T = call["target"].shape[1]
+        real = rows["attention_mask"][:, :T].bool()
+        assert torch.equal(call["mask"].bool(), real)
+        expect = (h_t[end] - h_t[start])[:, :T] @ m.T
+        assert torch.allclose(call["target"][real], expect[real], rtol=1e-4, atol=1e-5), f"stage {k}"
+    real = rows["attention_mask"][:, : calls[0]["student"].shape[1]].bool()
+    first = (h_s[1] - h_s[0])[:, : real.shape[1]]
+    assert torch.allclose(calls[0]["student"][real], first[real], rtol=1e-4, atol=1e-5)
+
+
+def test_step0_losses_recomputed_from_raw_states(setup, tmp_path, monkeypatch):
+    """Each stage's logged step-0 layer loss and KL equal the loss recomputed from raw states: the student with
+    layers < k trained and layer k untouched (plain HF forward), the teacher's own forward, the hand KL over the
+    answer positions (position t predicts token t+1). Catches a wrong student quantity, a skipped suffix layer,
+    a wrong KL direction or token mask anywhere in the stage."""
+    from semalign.losses import relation_loss
+
+    teacher_dir, student_dir, cache_path, _ = setup
+    cache = TeacherCache.load(cache_path)
+    rows = {"input_ids": cache.input_ids, "attention_mask": cache.attention_mask}
+    h_t = _states(load_model(teacher_dir, device="cpu", trainable=True)[0], rows)
+    m = torch.load(cache_path.parent / "map.pt")
+    _, logits = _record_stage_inputs(monkeypatch)
+    initial, trained = _run_direct(setup, tmp_path, batch_size=5, micro_batch_size=5, trainable="full",
+                                   kl_every_stage=True, lr=0.05)
+    curve = {(int(r["stage"]), int(r["step"])): r for r in csv.DictReader(open(tmp_path / "loss_curve.csv"))}
+    lm = cache.loss_mask
+    answer = torch.zeros_like(lm, dtype=torch.bool)
+    answer[:, :-1] = lm[:, 1:].bool()
+    real = rows["attention_mask"].bool()
+    for k, (start, end) in enumerate(HAND_SPANS[2, "block"], start=1):
+        model, _ = load_model(student_dir, device="cpu", trainable=True)
+        untouched = {n: v for n, v in initial.items() if n.startswith("model.layers.") and int(n.split(".")[2]) >= k - 1}
+        model.load_state_dict({**trained.state_dict(), **untouched})  # the student as stage k found it
+        h_s = _states(model, rows)
+        target = (h_t[end] - h_t[start]) @ m.T
+        layer = relation_loss(h_s[k] - h_s[k - 1], target, real)
+        log_p = torch.log_softmax(h_t["logits"][answer], -1)
+        log_q = torch.log_softmax(h_s["logits"][answer], -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        # the output term reads the whole suffix k+1..L_S: the logits are the plain forward's, to float precision,
+        # and visibly not those of a suffix missing its last layer
+        assert torch.allclose(logits[k - 1][0], h_s["logits"][answer], atol=1e-4), f"stage {k}"
+        skipped = model.lm_head(model.model.norm(h_s[1]))[answer] if k == 1 else None
+        assert skipped is None or (skipped - h_s["logits"][answer]).abs().max() > 1e-2
+        assert float(curve[k, 0]["layer_loss"]) == pytest.approx(layer.item(), rel=1e-4), f"stage {k}"
+        assert float(curve[k, 0]["kl"]) == pytest.approx(kl.item(), rel=2e-3), f"stage {k}"
+    assert not torch.equal(trained.state_dict()["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])

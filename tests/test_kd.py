@@ -90,3 +90,82 @@ def test_run_transfer_counts_layer_passes(tiny_pair, cache, tmp_path):
     assert passes["student_layer_forward_rows"] == n * layers * epochs
     assert passes["student_layer_backward_rows"] == n * layers * epochs
     assert not any(k.startswith(("teacher", "other")) for k in passes)
+
+
+def test_kd_step0_loss_is_the_hand_tempered_forward_kl(tiny_pair, chat_records, tmp_path, monkeypatch):
+    """KD's first logged loss (one full batch, untouched student) equals T^2 KL(p_T || p_S) at temperature T = 2,
+    averaged over the answer-predicting positions only (position t predicts token t+1), computed here from the two
+    models' own forwards. The teacher's final-norm gain is raised 30x so its distributions are peaked and differ per
+    position (a random tiny teacher is near uniform, where forward and reverse KL and any token subset agree):
+    a reverse KL, an ignored temperature or prompt tokens in the mean then each miss by far more than fp16's error."""
+    import csv
+
+    import baselines.kd as kd
+    import semalign.suite.train as train
+
+    teacher, student = tiny_pair
+    sharp, tok = load_model(teacher, trainable=True)
+    with torch.no_grad():
+        sharp.model.norm.weight.mul_(30.0)
+    sharp.save_pretrained(tmp_path / "sharp")
+    tok.save_pretrained(tmp_path / "sharp")
+    cache = tmp_path / "sharp.pt"
+    build_teacher_cache(tmp_path / "sharp", chat_records, layers=[], max_len=48, batch_size=6, out_path=cache)
+    c = TeacherCache.load(cache)
+    rows = {"input_ids": c.input_ids, "attention_mask": c.attention_mask}
+    with torch.no_grad():
+        z_t = sharp.eval()(**rows).logits.double()
+        z_s = load_model(student)[0](**rows).logits.double()
+    answer = torch.zeros_like(c.loss_mask, dtype=torch.bool)
+    answer[:, :-1] = c.loss_mask[:, 1:].bool()
+    assert 0 < answer.sum() < c.attention_mask.sum() - len(c)  # the prompt positions are many and excluded
+    log_p = torch.log_softmax(z_t[answer] / 2, -1)
+    log_q = torch.log_softmax(z_s[answer] / 2, -1)
+    expect = 4 * (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    seen: list[torch.Tensor] = []
+    real_kl = kd.output_kl
+    monkeypatch.setattr(kd, "output_kl", lambda s, t, *a: seen.append(s.detach().clone()) or real_kl(s, t, *a))
+    monkeypatch.setattr(train, "batches", lambda n, bs, seed, epoch: [torch.arange(n)])  # rows in order
+    out, ctx = _kd(tiny_pair, cache, tmp_path, "t2", epochs=1, trainable="full", batch_size=6, micro_batch_size=6,
+                   temperature=2.0)
+    assert torch.allclose(seen[0].double(), z_s[answer], atol=1e-4)  # the student's logits at the answer positions
+    first = next(csv.DictReader(open(ctx.out_dir / "loss_curve.csv")))
+    assert float(first["loss"]) == pytest.approx(expect, rel=2e-3)
+
+
+def test_cache_keeps_layer_differences_under_a_huge_norm_token(tiny_pair, chat_records, tmp_path):
+    """Regression (attention sink: ||h|| ~ 2.5e4 on SmolLM2): fp16 states lost the layers' contributions at that
+    token (cosine 0.796 to fp32 on the real teacher). A teacher whose first token enters with norm 3e4: every
+    difference of cached states keeps cosine >= 0.999 to a fresh fp32 forward at every real position, where the
+    same states rounded to fp16 do not."""
+    from semalign.suite.chat import tokenize_records
+
+    model, tok = load_model(tiny_pair[0], trainable=True)
+    first = int(tokenize_records(tok, chat_records, 48)["input_ids"][0, 0])
+    emb = model.model.embed_tokens.weight
+    with torch.no_grad():
+        emb[first] = 3e4 * emb[first] / emb[first].norm()
+    model.save_pretrained(tmp_path / "sink")
+    tok.save_pretrained(tmp_path / "sink")
+    build_teacher_cache(tmp_path / "sink", chat_records, layers=list(range(5)), max_len=48, batch_size=4,
+                        out_path=tmp_path / "sink.pt")
+    c = TeacherCache.load(tmp_path / "sink.pt")
+    ref: dict[int, torch.Tensor] = {}
+    mods = [model.model.embed_tokens, *model.model.layers]
+    hooks = [m.register_forward_hook(lambda _m, _i, o, j=j: ref.__setitem__(j, o[0] if isinstance(o, tuple) else o))
+             for j, m in enumerate(mods)]
+    with torch.no_grad():
+        model(input_ids=c.input_ids, attention_mask=c.attention_mask)
+    for h in hooks:
+        h.remove()
+    real = c.attention_mask.bool()
+    assert ref[4][:, 0].norm(dim=-1).min() > 1e4  # the planted token keeps its huge norm through every layer
+    cos = torch.nn.functional.cosine_similarity
+    worst_fp16 = 1.0
+    for lo, hi in ((0, 1), (1, 2), (2, 3), (3, 4), (0, 4)):
+        want = (ref[hi] - ref[lo])[real].double()
+        got = (c.layer(hi).double() - c.layer(lo).double())[real]
+        assert cos(got, want, dim=-1).min() >= 0.999, (lo, hi)
+        fp16 = (ref[hi].half().double() - ref[lo].half().double())[real]
+        worst_fp16 = min(worst_fp16, cos(fp16, want, dim=-1).min().item())
+    assert worst_fp16 < 0.999  # the planted token does break fp16 storage

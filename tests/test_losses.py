@@ -102,20 +102,80 @@ def test_fisher_quadratic_hand_value_gradient_and_kl_expansion():
     assert fisher_quadratic(small, z_t, mask).item() == pytest.approx(kl, rel=5e-2)
 
 
-def test_hidden_mse_and_dispatch():
+def test_hidden_mse_is_per_token_relative():
     h = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])
-    t = torch.tensor([[[0.0, 0.0], [9.0, 9.0]]])
-    assert hidden_mse_loss(h, t, torch.tensor([[1, 0]])).item() == pytest.approx(2.5)
+    t = torch.tensor([[[0.0, 2.0], [9.0, 9.0]]])
+    # token 1: ||(1, 0)||^2 / ||(0, 2)||^2 = 1/4; token 2 masked
+    assert hidden_mse_loss(h, t, torch.tensor([[1, 0]])).item() == pytest.approx(0.25)
+    # token 2 alone: ||(-9, -9)||^2 / 162 = 1
+    assert hidden_mse_loss(h, t, torch.tensor([[0, 1]])).item() == pytest.approx(1.0)
+
+
+def test_hidden_mse_not_dominated_by_one_giant_token():
+    """Regression (attention sink, ||h|| ~ 2.5e4 on SmolLM2): the plain MSE was carried by the huge token. A 1%
+    error on a 1000-norm token and a total miss on a unit token: the miss is what the loss must see."""
+    h = torch.tensor([[[1010.0, 0.0], [0.0, 1.0]]], requires_grad=True)
+    t = torch.tensor([[[1000.0, 0.0], [1.0, 0.0]]])
+    loss = hidden_mse_loss(h, t, torch.ones(1, 2))
+    # (100 / 1e6 + 2 / 1) / 2; the plain per-element MSE was (100/2 + 2/2) / 2 = 25.5, 98% from the giant token
+    assert loss.item() == pytest.approx((1e-4 + 2.0) / 2, rel=1e-6)
+    loss.backward()
+    # d/dh of (||h-t||^2/||t||^2)/2: (h - t) / ||t||^2 -> (10/1e6, 0) and (-1, 1)
+    assert torch.allclose(h.grad, torch.tensor([[[1e-5, 0.0], [-1.0, 1.0]]]), rtol=1e-5, atol=1e-9)
+
+
+def test_output_kl_hand_value_direction_and_temperature():
+    # teacher p = (1/4, 3/4), student q = (1/2, 1/2): KL(p || q) = 1/4 ln(1/2) + 3/4 ln(3/2); the reverse
+    # KL(q || p) = 1/2 ln 2 + 1/2 ln(2/3) = 0.1438 differs
+    t = torch.tensor([[[0.0, math.log(3.0)]]])
+    s = torch.zeros(1, 1, 2)
+    one = torch.ones(1, 1)
+    forward = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert output_kl(s, t, one).item() == pytest.approx(forward, rel=1e-6)
+    assert output_kl(s, t, one).item() != pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), rel=1e-3)
+    # T^2 * KL(softmax(z_t / T) || softmax(z_s / T)): at T = 2 on doubled logits, exactly 4x the T = 1 value
+    torch.manual_seed(4)
+    zs, zt = torch.randn(2, 3, 6, dtype=D64), torch.randn(2, 3, 6, dtype=D64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert output_kl(2 * zs, 2 * zt, mask, temperature=2.0).item() == pytest.approx(
+        4 * output_kl(zs, zt, mask).item(), rel=1e-9)
+    # and by hand at T = 2 on the two-token case: p = softmax((0, ln 3) / 2) = (1, sqrt 3) / (1 + sqrt 3)
+    p = torch.tensor([1.0, math.sqrt(3)], dtype=D64) / (1 + math.sqrt(3))
+    assert output_kl(s, t, one, temperature=2.0).item() == pytest.approx(
+        4 * (p * (p / 0.5).log()).sum().item(), rel=1e-6)
+    # padding positions do not count: the mean is over the two real tokens only
+    zs[0, 2] = 1e4
+    assert output_kl(zs, zt, mask).item() == pytest.approx(
+        sum(output_kl(zs[b:b + 1, i:i + 1], zt[b:b + 1, i:i + 1], one).item() for b, i in ((0, 0), (0, 1), (1, 0))) / 3)
+
+
+def test_every_variant_dispatches_to_its_terms():
+    """Each registered variant's layer term on a non-identity input, pinned by hand (a sign flip or a swapped
+    function fails), zero at identity; its output term; no output term without logits."""
+    r = 1 / math.sqrt(2)
+    # v2: rows already centred; G_x has cosines 0 and -1/sqrt 2, y's rows are (1,0), (-1,0), (0,0)
+    gx = torch.tensor([[1, 0, -r], [0, 1, -r], [-r, -r, 1]])
+    gy = torch.tensor([[1.0, -1, 0], [-1, 1, 0], [0, 0, 0]])
+    cases = {  # name: (student, target, hand value)
+        "v1": ([[1.0, 0.0], [1.0, 1.0]], [[0.0, 2.0], [3.0, 0.0]], 1 - r / 2),  # cos = 0 and 1/sqrt 2
+        "v2": ([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]], [[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]],
+               ((gx - gy) ** 2).sum().item() / 9),
+        "acl": ([[1.0, 0.0]], [[0.0, 0.0]], 0.125),  # p = (1/2, 1/2), d = (1, 0): (1/2 - 1/4) / 2
+        "hidden_mse": ([[1.0, 2.0]], [[0.0, 2.0]], 0.25),  # ||(1, 0)||^2 / ||(0, 2)||^2
+        "kl_only": ([[1.0, 2.0]], [[0.0, 2.0]], 0.0),
+    }
+    assert set(cases) == set(LOSSES)
     torch.manual_seed(3)
     s_logits, t_logits = torch.randn(1, 2, 5), torch.randn(1, 2, 5)
-    out_mask = torch.tensor([[1, 1]])
-    mask = torch.ones(1, 2)
-    h = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]])
-    for name in LOSSES:
-        terms = layer_loss(name, h, h, mask, s_logits, t_logits, labels=torch.tensor([[1, 2]]), out_mask=out_mask)
-        assert terms.layer.item() == pytest.approx(0.0, abs=1e-6)
-        if name != "v1":
-            assert terms.output.item() == pytest.approx(output_kl(s_logits, t_logits, out_mask).item())
-        assert layer_loss(name, h, h, mask).output.item() == 0.0  # stage without output term
+    labels, out_mask = torch.tensor([[1, 2]]), torch.ones(1, 2)
+    for name, (student, target, value) in cases.items():
+        x, y = torch.tensor([student]), torch.tensor([target])
+        mask = torch.ones(1, x.shape[1])
+        terms = layer_loss(name, x, y, mask, s_logits, t_logits, labels=labels, out_mask=out_mask)
+        assert terms.layer.item() == pytest.approx(value, rel=1e-5), name
+        assert layer_loss(name, x, x, mask).layer.item() == pytest.approx(0.0, abs=1e-6)
+        assert layer_loss(name, x, y, mask).output.item() == 0.0  # stage without output term
+        out = onehot_cosine_loss(s_logits, labels, out_mask) if name == "v1" else output_kl(s_logits, t_logits, out_mask)
+        assert terms.output.item() == pytest.approx(out.item()), name
     with pytest.raises(ValueError, match="unknown loss"):
-        layer_loss("v3", h, h, mask)
+        layer_loss("v3", x, x, mask)

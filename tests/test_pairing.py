@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from semalign.pairing import STRATEGIES, pair_layers, teacher_layers_needed, validate_pairing
+from semalign.pairing import STRATEGIES, pair_layers, validate_pairing
 
 # l(k) = max(1, floor(L_T / L_S * k)), written out by hand.
 DEPTH_RATIO = {
@@ -143,10 +143,8 @@ def test_every_strategy_in_range(strategy, depths):
         assert all(1 <= l <= L_T for l, _ in q["teacher"])
 
 
-def test_teacher_layers_needed_and_errors():
+def test_pairing_errors():
     p = pair_layers(20, 10, "interpolated")
-    assert teacher_layers_needed(p, residual=False) == list(range(2, 21, 2))
-    assert teacher_layers_needed(pair_layers(24, 32, "depth_ratio"))[0] == 0  # embeddings for layer 1's residual
     with pytest.raises(ValueError, match="unknown pairing strategy"):
         pair_layers(4, 2, "nope")
     with pytest.raises(ValueError, match="pairing is for"):

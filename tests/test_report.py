@@ -1,9 +1,20 @@
 """Tables computed from run records: the cost table's ratios and per-example normalisations, the hparam table."""
 import pytest
 
-from semalign.suite.tables import cost_table, hparam_table
+from semalign.suite.tables import cost_table, hparam_table, mean_ci
 
 RUNS = {("p", "gsm8k"): {"n_train": 10, "teacher_layers": 4, "student_layers": 2, "cache_forwards": 10}}
+
+
+def test_mean_ci_is_the_student_t_half_width_of_the_mean():
+    """Three seeds 1, 2, 4: mean 7/3, sample sd sqrt(7/3) (ddof 1), standard error sd / sqrt 3, times the t quantile
+    t_{0.975, 2} = 4.302652729911275 (table value), not z = 1.96 and not applied to the sd itself."""
+    import pandas as pd
+
+    mean, half = mean_ci(pd.Series([1.0, 2.0, 4.0]))
+    assert mean == pytest.approx(7 / 3)
+    assert half == pytest.approx(4.302652729911275 * (7 / 3) ** 0.5 / 3 ** 0.5, rel=1e-9)  # = 3.7946
+    assert mean_ci(pd.Series([5.0])) == (5.0, 0.0)  # one seed: no interval
 
 
 def _record(method, seed, wall, uses_cache, **passes):

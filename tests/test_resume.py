@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from semalign.pairing import pair_layers, teacher_layers_needed
+from semalign.frontier import teacher_layers_for
+from semalign.pairing import pair_layers
 from semalign.suite.cache import build_teacher_cache
 from semalign.suite.io import write_jsonl
 from semalign.suite.models import load_model
@@ -32,7 +33,7 @@ def inputs(tiny_pair, chat_records, tmp_path):
     (splits / "manifest.json").write_text("{}")
     pairing = pair_layers(4, 2, "depth_ratio")
     (tmp_path / "pairing.json").write_text(json.dumps(pairing))
-    build_teacher_cache(teacher, chat_records, layers=teacher_layers_needed(pairing), max_len=48, batch_size=6,
+    build_teacher_cache(teacher, chat_records, layers=teacher_layers_for(pairing, "block"), max_len=48, batch_size=6,
                         out_path=tmp_path / "teacher.pt")
     return {"teacher": str(teacher / "manifest.json"), "student": str(student / "manifest.json"),
             "splits": str(splits / "manifest.json"), "cache": str(tmp_path / "teacher.pt"),

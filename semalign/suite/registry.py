@@ -50,7 +50,7 @@ class Artifact:
 class TeacherCache(Artifact):
     """The teacher's activations on the train split (:mod:`semalign.suite.cache`), one file per (pair, task) shared
     by every method that reads it. ``pairing`` names the pairing whose teacher layers this reader needs (None: the
-    final state only, e.g. KD), ``states`` which of them (:func:`semalign.pairing.teacher_layers_needed`)."""
+    final state only, e.g. KD), ``states`` which of them (:func:`semalign.frontier.teacher_layers_for`)."""
 
     key: ClassVar[str] = "cache"
     PATTERN: ClassVar[str] = "cache/{pair}/{task}/teacher.pt"

@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from semalign.pairing import teacher_layers_needed
+from semalign.frontier import teacher_layers_for
 from semalign.suite.cache import build_teacher_cache
 from semalign.suite.io import read_jsonl
 from semalign.suite.models import check_same_vocab
@@ -14,7 +14,7 @@ meta = build_teacher_cache(
     teacher,
     read_jsonl(Path(snakemake.input.splits).parent / "train.jsonl"),
     layers=sorted({k for f, states in snakemake.params.layer_specs
-                   for k in teacher_layers_needed(json.loads(Path(f).read_text()), residual=states == "residual")}),
+                   for k in teacher_layers_for(json.loads(Path(f).read_text()), states)}),
     max_len=snakemake.params.max_len,
     batch_size=snakemake.params.batch_size,
     out_path=Path(snakemake.output[0]),
