@@ -44,6 +44,6 @@ class KnowledgeDistillation(Method):
                 loss = loss + cfg.ce_weight * answer_ce(logits, labels)
             return loss
 
-        fit(model, cache.tokens(), loss_fn, cfg, ctx.out_dir, ctx.seed, "kd")
+        fit(model, cache.tokens(), loss_fn, cfg, ctx.out_dir, ctx.seed, "kd", fingerprint=ctx.fingerprint())
         stats = {"trainable_params": trainable_parameters(model), "config": asdict(cfg), "teacher_forwards": 0}
         return self.save(ctx, model, tokenizer, stats)

@@ -27,6 +27,7 @@ class LoRASFT(Method):
         def loss_fn(rows: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
             return sft_loss(model, b)
 
-        fit(model, self.split(ctx, tokenizer, "train"), loss_fn, cfg, ctx.out_dir, ctx.seed, "lora_sft")
+        fit(model, self.split(ctx, tokenizer, "train"), loss_fn, cfg, ctx.out_dir, ctx.seed, "lora_sft",
+            fingerprint=ctx.fingerprint())
         stats = {"trainable_params": trainable_parameters(model), "config": asdict(cfg), "teacher_forwards": 0}
         return self.save(ctx, model, tokenizer, stats)

@@ -72,7 +72,7 @@ class SemAlign(Method):
             else:
                 head_s = lm_head(model).weight
                 m = aligned_map(head_s, cache.head_weight.to(head_s.device))
-        model = train_frontier(model, cache, pairing, cfg, ctx.out_dir, ctx.seed, m)
+        model = train_frontier(model, cache, pairing, cfg, ctx.out_dir, ctx.seed, m, fingerprint=ctx.fingerprint())
         stats = {
             "trainable_params": stage_trainable_params(model, cfg),  # per stage: one layer's worth at a time
             "stages": [p["student"] for p in pairing["pairs"]],

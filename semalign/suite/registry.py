@@ -14,6 +14,7 @@ path to the method as ``ctx.artifacts[artifact.key]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -73,6 +74,29 @@ class TransferContext:
     max_len: int = 512  # token cutoff and loss masking of the split records (config data.max_len/train_on_inputs),
     train_on_inputs: bool = False  # the same as the teacher cache's, so every method trains on identical tokens
     artifacts: dict[str, Path] = field(default_factory=dict)  # Artifact.key -> path, as declared by Method.needs
+
+    @functools.cached_property
+    def input_hashes(self) -> dict[str, str]:
+        """Content hash of every file the run reads: both models (manifest and weights), the transfer splits and
+        each artifact (teacher cache, pairing, aligned map). Computed once per run (large files once at all, see
+        :func:`semalign.suite.io.content_hash`); named by role so a changed input can be reported by name."""
+        from semalign.suite.io import content_hash
+
+        files = {}
+        for role, root in (("teacher", self.teacher), ("student", self.student)):
+            for f in sorted(Path(root).glob("*")):
+                if f.is_file() and (f.name == "manifest.json" or f.suffix == ".safetensors"):
+                    files[f"{role}/{f.name}"] = f
+        for f in sorted(Path(self.splits).glob("*")):  # the test split is for evaluation; no transfer reads it
+            if f.is_file() and not f.name.startswith(".") and f.name != "test.jsonl":
+                files[f"splits/{f.name}"] = f
+        files.update({key: Path(path) for key, path in sorted(self.artifacts.items())})
+        return {name: content_hash(f) for name, f in files.items()}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint of this run depends on besides the method's config and seed (which the training loop
+        adds): the inputs' content and how the records are tokenised. Resuming needs all of it to agree."""
+        return {"inputs": self.input_hashes, "max_len": self.max_len, "train_on_inputs": self.train_on_inputs}
 
     def artifact(self, key: str, method: str) -> Path:
         if key not in self.artifacts:
