@@ -160,3 +160,50 @@ def test_rebuilt_teacher_cache_trains_fresh(tiny_pair, chat_records, cache_input
     assert "checkpoint key changed" in capsys.readouterr().out
     _, w_fresh = _transfer(method, _ctx(tiny_pair, splits, tmp_path / "fresh", cache_inputs, params))
     assert stale["resumed"] is False and not _same(w_stale, w_old) and _same(w_stale, w_fresh)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("method, params, unit", [
+    ("lora_sft", FAST, "last.pt"),
+    ("semalign", {**FAST, "loss": "v1", "recompose": "projector"}, "stage_1.pt"),
+], ids=["lora_sft", "semalign"])
+def test_truncated_checkpoint_is_moved_aside_and_a_plain_rerun_recovers(tiny_pair, chat_records, cache_inputs,
+                                                                         tmp_path, method, params, unit, capsys):
+    """Regression (issue 14): a truncated checkpoint failed every re-run with a torch error naming no file."""
+    splits = _splits(tmp_path / "splits", chat_records[:3])
+    out = tmp_path / "run"
+    _, w_first = _transfer(method, _ctx(tiny_pair, splits, out, cache_inputs, params))
+    (ckpt,) = out.glob(f"ckpt/*/{unit}")
+    _truncate(ckpt)
+    capsys.readouterr()
+    again, w_again = _transfer(method, _ctx(tiny_pair, splits, out, cache_inputs, params))
+    assert f"corrupt checkpoint {ckpt}" in capsys.readouterr().out
+    assert len(list(ckpt.parent.glob(f"{unit}.corrupt-*"))) == 1 and ckpt.exists()  # moved aside, rewritten
+    assert _same(w_again, w_first)  # retrained to the same weights (CPU runs are deterministic)
+    assert str(ckpt) not in again["resumed_from"]
+
+
+def test_truncated_teacher_cache_names_its_path_and_is_moved_aside_for_the_rebuild(cache_inputs):
+    """Regression (issue 14): a truncated cache failed with `OSError: [Errno 22]` and no path. Now the loader names it
+    and moves it aside, so the cache_teacher rule's output is missing and the next workflow run rebuilds it."""
+    from semalign.suite.cache import TeacherCache
+    from semalign.suite.io import CorruptFileError
+
+    path = cache_inputs["cache"]
+    _truncate(path)
+    with pytest.raises(CorruptFileError, match=f"corrupt teacher cache {path} .*re-run the workflow to rebuild it"):
+        TeacherCache.load(path)
+    assert not path.exists() and len(list(path.parent.glob("teacher.pt.corrupt-*"))) == 1
+
+
+def test_semalign_exploding_lr_stops_naming_stage_and_step(tiny_pair, chat_records, cache_inputs, tmp_path):
+    """The frontier loop checks divergence too (lr 1e12 on a tiny model), naming method, stage and step."""
+    from semalign.suite.train import DivergenceError
+
+    splits = _splits(tmp_path / "splits", chat_records[:3])
+    params = {**FAST, "loss": "v1", "recompose": "projector", "lr": 1e12}
+    with pytest.raises(DivergenceError, match=r"semalign stage 1 epoch 1 step 0: trainable weight norm"):
+        _transfer("semalign", _ctx(tiny_pair, splits, tmp_path / "run", cache_inputs, params))

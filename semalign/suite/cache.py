@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from semalign.suite.chat import tokenize_records
-from semalign.suite.io import atomic_torch_save
+from semalign.suite.io import CorruptFileError, atomic_torch_save, first_line, move_aside
 from semalign.suite.models import decoder_layers, final_norm, lm_head, load_model
 
 STORE_DTYPE = torch.float16  # halves disk and RAM; post-norm states and residuals fit fp16's range
@@ -86,8 +86,18 @@ class TeacherCache:
 
     @classmethod
     def load(cls, path: Path) -> TeacherCache:
-        blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        return cls(**blob)
+        """The cache at ``path``; one that does not load (truncated, overwritten) is moved aside as
+        ``<name>.corrupt-<time>`` and reported by path, so the next run of the workflow rebuilds it (its rule's
+        output is then missing) instead of failing on it forever."""
+        try:
+            blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return cls(**blob)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated file fails as RuntimeError, OSError(EINVAL), zip errors
+            aside = move_aside(path)
+            raise CorruptFileError(f"corrupt teacher cache {path} ({type(e).__name__}: {first_line(e)}); moved to "
+                                   f"{aside.name}: re-run the workflow to rebuild it") from e
 
 
 @torch.no_grad()

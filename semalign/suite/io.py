@@ -96,6 +96,10 @@ def content_hash(path: str | Path) -> str:
     return digest
 
 
+class CorruptFileError(RuntimeError):
+    """A written file that no longer loads; the message names it and where it was moved."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception's first line, capped: enough to name the cause in a one-line message."""
     text = str(error).strip()
