@@ -47,6 +47,13 @@ def layer_outputs(
     return store, final, handles
 
 
+class MissingTeacherLayer(KeyError):
+    """A reader asked for a layer the cache was not built with (KeyError, printed as a plain sentence)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass
 class TeacherCache:
     input_ids: torch.Tensor
@@ -81,7 +88,9 @@ class TeacherCache:
 
     def layer(self, k: int) -> torch.Tensor:
         if k not in self.layers:
-            raise KeyError(f"teacher layer {k} not cached; cached: {sorted(self.layers)}")
+            raise MissingTeacherLayer(
+                f"teacher layer {k} not cached (cached: {sorted(self.layers)}): the cache keeps the layers of the "
+                "methods configured when it was built; add this method to `methods` and re-run to rebuild it")
         return self.layers[k]
 
     @classmethod

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Non-empty lines of a jsonl file as dicts; a malformed line is an error naming the file and line."""
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """Non-empty lines of a jsonl file as dicts; a malformed line, or one lacking a ``required`` field, is an error
+    naming the file, the line and the field (not a KeyError deep in whatever reads the record)."""
+    required = tuple(required)
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -27,6 +29,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            if missing := [k for k in required if k not in rec]:
+                raise ValueError(f"{path}:{n}: record lacks field(s) {missing} (required: {', '.join(required)})")
             records.append(rec)
     return records
 

@@ -125,10 +125,15 @@ class Method:
             if params:
                 raise ValueError(f"method {cls.name!r} takes no parameters, got {sorted(params)}")
             return None
-        known = {f.name for f in dataclasses.fields(cls.config_cls)}
-        unknown = sorted(set(params) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
+        unknown = sorted(set(params) - set(fields))
         if unknown:
-            raise ValueError(f"method_params.{cls.name}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"method_params.{cls.name}: unknown parameter(s) {unknown}; known: {sorted(fields)}")
+        for key, value in params.items():  # a string lr ("1e-3") would pass the dataclass and crash in the optimizer
+            default = fields[key].default
+            if _is_number(default) and not (_is_number(value) and (isinstance(default, float) or isinstance(value, int))):
+                kind = "a number" if isinstance(default, float) else "an integer"
+                raise ValueError(f"method_params.{cls.name}.{key}: expected {kind}, got {value!r}")
         return cls.config_cls(**params)
 
     @classmethod
@@ -184,6 +189,10 @@ class Method:
         atomic_write_text(ctx.out_dir / "train_stats.json", json.dumps(stats, indent=2))
         manifest = {**load_manifest(ctx.student), "derived_from": str(ctx.student), "method": self.name}
         return save_model(model, tokenizer, ctx.out_dir / "model", manifest=manifest)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 _METHODS: dict[str, type[Method]] = {}
