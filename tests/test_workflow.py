@@ -227,6 +227,30 @@ def test_single_target_of_a_method_left_out_of_methods_is_a_dag_error(tmp_path):
     assert res.returncode != 0 and "target layerwise_kd on gsm8k: not in `methods`" in res.stderr + res.stdout
 
 
+def test_switching_the_data_dir_reruns_the_splits(tmp_path):
+    """Issue 14: every file the splits rule reads is a declared input and the data dir a param, so after a complete
+    run, pointing SEMALIGN_DATA_DIR at another copy of the data plans the splits (and what depends on them) again
+    instead of "Nothing to be done"."""
+    from semalign.suite.sources import data_dir
+
+    src = data_dir()
+    if src is None:
+        pytest.skip("no local data dir (../shared/data)")
+    copies = {}
+    for name in ("a", "b"):
+        for sub in ("gsm8k", "pkt_splits"):
+            shutil.copytree(src / sub, tmp_path / name / sub)
+        copies[name] = {"SEMALIGN_DATA_DIR": str(tmp_path / name)}
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = {**profile("smoke"), "tasks": ["gsm8k"]}
+    target = "results/smoke/splits/gsm8k/manifest.json"
+    assert snakemake(work, cfg, "--cores", "1", target, env=copies["a"]).returncode == 0
+    assert "Nothing to be done" in snakemake(work, cfg, "-n", target, env=copies["a"]).stdout
+    moved = snakemake(work, cfg, "-n", target, env=copies["b"])
+    assert moved.returncode == 0 and "Rules with provenance triggered jobs: splits" in moved.stdout
+
+
 def test_default_profile_loads_under_config_overrides(tmp_path):
     """Regression: any --config key=value stopped the default profile (mini) from loading."""
     res = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
