@@ -127,8 +127,11 @@ class DivergenceGuard:
         self.norm0 = self.norm()
 
     def norm(self) -> float:
-        with torch.no_grad():  # fp32 accumulation whatever the parameter dtype
-            return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in self.params))
+        """L2 norm of all trainable weights, accumulated in fp32 on their device: one host sync per step."""
+        with torch.no_grad():
+            dev = self.params[0].device
+            norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32).to(dev) for p in self.params]
+            return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     def observe(self, loss: float, where: str) -> None:
         if self.loss0 is None:
