@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import yaml
 from snakemake.utils import validate
 
 from semalign.attribution import METHODS as ATTRIBUTION_METHODS
@@ -18,19 +19,38 @@ from semalign.suite.sources import SPLITS, data_dir, source_files
 from semalign.suite.registry import Artifact, TeacherCache, available_methods, method_class
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_SCHEMA = yaml.safe_load(Path(workflow.basedir, "workflow", "schemas", "config.schema.yaml").read_text())
 
 
-def _numbers(node, path: str = ""):
-    """YAML 1.1 (PyYAML, so Snakemake) reads `1e-3` as a string; a value in scientific notation is a number here, so
-    it is coerced before validation (model specs, whose revisions may look alike, excepted)."""
+def _numbers(node, schema: dict, loose: bool = True):
+    """Strings that are numbers, coerced before validation: YAML 1.1 (PyYAML, so Snakemake) reads `lr: 1e-3` as a
+    string, and `--config seeds=[0]` gives strings inside lists. A string becomes a number where the schema asks for
+    one, and in scientific notation anywhere (method parameters are not all in the schema) but in model specs,
+    whose revisions may look alike."""
+    if "$ref" in schema:
+        schema = _SCHEMA["definitions"][schema["$ref"].rsplit("/", 1)[-1]]
     if isinstance(node, dict):
-        return {k: v if f"{path}{k}" == "models" else _numbers(v, f"{path}{k}.") for k, v in node.items()}
+        extra = schema.get("additionalProperties")
+        return {k: _numbers(v, schema.get("properties", {}).get(k, extra if isinstance(extra, dict) else {}),
+                            loose and k != "models") for k, v in node.items()}
     if isinstance(node, list):
-        return [_numbers(v, path) for v in node]
-    return float(node) if isinstance(node, str) and _SCIENTIFIC.fullmatch(node.strip()) else node
+        return [_numbers(v, schema.get("items", {}), loose) for v in node]
+    if not isinstance(node, str):
+        return node
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    text = node.strip()
+    if "integer" in types and re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if "number" in types or (loose and _SCIENTIFIC.fullmatch(text)):
+        try:
+            return float(text)
+        except ValueError:
+            return node
+    return node
 
 
-config.update(_numbers(config))
+config.update(_numbers(config, _SCHEMA))
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Rule scripts import the semalign package: make the checkout importable also inside per-rule conda envs.
