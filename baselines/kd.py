@@ -45,7 +45,7 @@ class KnowledgeDistillation(Method):
             return loss
 
         data = cache.tokens()
-        curve = fit(model, data, loss_fn, cfg, ctx.out_dir, ctx.seed, "kd")
+        curve = fit(model, data, loss_fn, cfg, ctx.out_dir, ctx.seed, "kd", fingerprint=ctx.fingerprint())
         stats = {"trainable_params": trainable_parameters(model), "budget": fit_budget(data, cfg, curve),
                  "config": asdict(cfg), "teacher_forwards": 0}
         return self.save(ctx, model, tokenizer, stats)

@@ -84,7 +84,7 @@ class LayerwiseKD(Method):
         data = cache.tokens()
         try:
             curve = fit(trainables, data, loss_fn, cfg, ctx.out_dir, ctx.seed, "layerwise_kd",
-                        fingerprint={"pairs": pairs})
+                        fingerprint={"pairs": pairs, **ctx.fingerprint()})
         finally:  # the hooks keep the last step's graph alive and would fire in any later forward
             for h in handles:
                 h.remove()

@@ -42,7 +42,8 @@ class LoRASFT(Method):
             return sft_loss(model, b)
 
         train = self.split(ctx, tokenizer, "train")
-        curve = fit(model, train, loss_fn, cfg, ctx.out_dir, ctx.seed, "lora_sft")
+        curve = fit(model, train, loss_fn, cfg, ctx.out_dir, ctx.seed, "lora_sft",
+                    fingerprint=ctx.fingerprint())
         stats = {"trainable_params": trainable_parameters(model), "budget": fit_budget(train, cfg, curve),
                  "config": asdict(cfg), "teacher_forwards": 0}
         return self.save(ctx, model, tokenizer, stats)

@@ -45,7 +45,7 @@ from semalign.suite.lora import apply_lora, trainable_parameters, untie_targeted
 from semalign.suite.models import decoder_layers, load_model
 from semalign.suite.objectives import sft_loss
 from semalign.suite.registry import Method, TransferContext, register_method
-from semalign.suite.train import checkpoint_dir, fit, fit_budget, trim
+from semalign.suite.train import checkpoint_dir, fit, fit_budget, load_checkpoint, trim
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # decoder layer index in a parameter / module name
 SPLITS = ("extract", "align", "train")
@@ -332,12 +332,11 @@ class Seeking(Method):
 
     def run(self, ctx: TransferContext) -> Path:
         cfg, _, model, tokenizer = self.begin(ctx)
-        pair = {"teacher": str(ctx.teacher), "student": str(ctx.student)}
+        key = ctx.fingerprint()
         # fit() checkpoints into this same dir, so a resumed run finds the factors its base weights came from
-        cached = checkpoint_dir(ctx.out_dir, {"config": cfg.fingerprint(), "seed": ctx.seed, **pair}) / "extraction.pt"
-        if cached.exists():
-            ext = torch.load(cached, weights_only=True)
-        else:
+        cached = checkpoint_dir(ctx.out_dir, {"config": cfg.fingerprint(), "seed": ctx.seed, **key}) / "extraction.pt"
+        ext = load_checkpoint(cached, map_location="cpu")
+        if ext is None:
             ext = self.extract(ctx, cfg, model)
             atomic_torch_save(ext, cached)
         gc.collect()
@@ -355,7 +354,7 @@ class Seeking(Method):
             return sft_loss(model, b)
 
         train = self.split(ctx, tokenizer, "train")
-        curve = fit(model, train, loss_fn, cfg, ctx.out_dir, ctx.seed, "seeking", fingerprint=pair)
+        curve = fit(model, train, loss_fn, cfg, ctx.out_dir, ctx.seed, "seeking", fingerprint=key)
         stats = {
             "trainable_params": trainable_parameters(model),
             "budget": fit_budget(train, cfg, curve),

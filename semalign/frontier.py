@@ -51,7 +51,7 @@ from semalign.suite.io import atomic_torch_save, write_csv
 from semalign.suite.lora import apply_lora, full_precision
 from semalign.suite.models import backbone, decoder_layers, embed_tokens, final_norm, lm_head
 from semalign.suite.objectives import shift_mask
-from semalign.suite.train import batches, check_finite, checkpoint_dir, set_seed, trim
+from semalign.suite.train import DivergenceGuard, batches, check_finite, checkpoint_dir, load_checkpoint, set_seed, trim
 
 CURVE_FIELDS = ["stage", "step", "layer_loss", "kl", "total"]
 BUDGETS = ("kd_steps", "epochs_per_stage")
@@ -85,6 +85,7 @@ class SemAlignConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
     prefix_chunk: int = 16  # rows per no-grad prefix forward
     stop_after_stage: int | None = None  # testing: stop (as if killed) after this stage's checkpoint
+    divergence_factor: float = 100.0  # a stage stops when its loss or layer-weight norm exceeds this x its start
 
     def __post_init__(self) -> None:
         checks = {"loss": (self.loss, tuple(LOSSES)),
@@ -116,8 +117,8 @@ class SemAlignConfig:
         return "block" if self.target == "block" else "residual"
 
     def fingerprint(self) -> dict:
-        """What a checkpoint must agree on to be resumed (stop_after_stage may differ)."""
-        return {k: v for k, v in asdict(self).items() if k != "stop_after_stage"}
+        """What a checkpoint must agree on to be resumed (the stopping rules may differ)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("stop_after_stage", "divergence_factor")}
 
 
 def stage_batches(n: int, cfg: SemAlignConfig, n_stages: int, seed: int) -> list[list[torch.Tensor]]:
@@ -256,12 +257,14 @@ def train_frontier(
     out_dir: Path,
     seed: int,
     m: torch.Tensor | None = None,
+    fingerprint: dict | None = None,
 ) -> torch.nn.Module:
     """Run (or resume) all frontier stages on ``model`` in place and return it (LoRA merged).
 
     ``m``: the aligned map [d_S, d_T] (required for recompose="semantic"). Raises StageLimitReached after
     ``cfg.stop_after_stage``, FloatingPointError on a non-finite loss (the last complete stage's checkpoint
-    stays; the failing stage writes nothing)."""
+    stays; the failing stage writes nothing), DivergenceError when a stage's loss or layer norm explodes.
+    ``fingerprint``: what else the checkpoints depend on (the run's inputs, TransferContext.fingerprint)."""
     out_dir = Path(out_dir)
     layers = decoder_layers(model)
     L_S = len(layers)
@@ -283,16 +286,15 @@ def train_frontier(
     n = len(cache)
     data = {"input_ids": cache.input_ids, "attention_mask": cache.attention_mask, "loss_mask": cache.loss_mask}
     stages = [p["student"] for p in pairing["pairs"]]
-    ckpt = checkpoint_dir(out_dir, {"config": cfg.fingerprint(), "pairing": pairing, "seed": seed})
+    ckpt = checkpoint_dir(out_dir, {"config": cfg.fingerprint(), "pairing": pairing, "seed": seed, **(fingerprint or {})})
 
     # Resume: reload every complete stage (contiguous from the first); the first stage left rebuilds the prefix.
     curve: list[dict] = []
     done: list[int] = []
     for k in stages:
-        path = ckpt / f"stage_{k}.pt"
-        if not path.exists():
+        state = load_checkpoint(ckpt / f"stage_{k}.pt", map_location=dev)
+        if state is None:
             break
-        state = torch.load(path, map_location=dev, weights_only=True)
         layers[k - 1].load_state_dict(state["layer"])
         curve += state["curve"]
         done.append(k)
@@ -324,6 +326,7 @@ def train_frontier(
         if cfg.objective.calibrated and projector is None:
             stage.calibrate(h_prev, data["attention_mask"])
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        guard = DivergenceGuard(cfg.divergence_factor, params)
         model.train()
         stage_rows: list[dict] = []
         bar = tqdm(schedule[i], desc=f"semalign stage {k}/{L_S} ({len(schedule[i])} steps)", leave=False)
@@ -342,6 +345,7 @@ def train_frontier(
                 for key, v in zip(("layer_loss", "kl", "total"), (terms.layer, terms.output, total)):
                     logged[key] += v.item() * len(micro) / len(idx)
             opt.step()
+            guard.observe(logged["total"], f"semalign stage {k} step {step}")
             stage_rows.append({"stage": k, "step": step, **logged})
             bar.set_postfix(loss=f"{logged['total']:.4f}")
         if peft_model is not None:

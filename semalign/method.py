@@ -81,7 +81,7 @@ class SemAlign(Method):
                 m = torch.load(ctx.artifacts["aligned_map"], map_location="cpu", weights_only=True)
             else:
                 m, _ = pair_map(ctx.teacher, ctx.student, cfg.fold_final_norm, device=ctx.device)
-        model = train_frontier(model, cache, pairing, cfg, ctx.out_dir, ctx.seed, m)
+        model = train_frontier(model, cache, pairing, cfg, ctx.out_dir, ctx.seed, m, fingerprint=ctx.fingerprint())
         stages = [p["student"] for p in pairing["pairs"]]
         schedule = stage_batches(len(cache), cfg, len(stages), ctx.seed)  # the batches train_frontier ran
         stats = {

@@ -159,3 +159,21 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, culprit):
     path.write_text('{"id": 0}\n\n' + line + "\n")
     with pytest.raises(ValueError, match=rf"train.jsonl:3: {culprit}"):
         io.read_jsonl(path)
+
+
+def test_test_record_missing_a_field_names_file_line_and_field(tmp_path, monkeypatch):
+    """Regression (issue 14): a GSM8K test record without `answer` gave `KeyError: 'answer'`, no file, no line."""
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q1", "answer": "#### 1"}\n{"question": "q2"}\n')
+    monkeypatch.setenv("SEMALIGN_DATA_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=r"gsm8k/test.jsonl:2: record lacks field\(s\) \['answer'\]"):
+        sources.load_test_set("gsm8k")
+
+
+def test_mmlu_row_missing_a_column_names_file_and_line(tmp_path, monkeypatch):
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "algebra_test.csv").write_text(
+        'question,choice0,choice1,choice2,choice3,answer\n"Q, multi\nline",1,2,3,4,0\nQ2,1,2,3,4\n')
+    monkeypatch.setenv("SEMALIGN_DATA_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=r"algebra_test.csv:4: row lacks column\(s\) \['answer'\]"):
+        sources.load_test_set("mmlu")

@@ -157,3 +157,43 @@ def test_answer_logits_equal_the_full_forward_at_scored_positions(tiny_pair, cha
     assert torch.equal(labels, b["input_ids"][:, 1:][pred[:, :-1]])
     expected = torch.nn.functional.cross_entropy(full[:, :-1][pred[:, :-1]], b["input_ids"][:, 1:][pred[:, :-1]])
     assert torch.allclose(answer_ce(logits, labels), expected, atol=1e-5)
+
+
+def test_exploding_lr_is_a_divergence_error_even_at_the_last_step(tmp_path):
+    """Regression (issue 14): lr 1e12 trained with finite losses to weights of norm ~1e12 and the table showed the
+    result. One step (so the loss, computed before the step, never sees it): only the post-step check can."""
+    from semalign.suite.train import DivergenceError, TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    cfg = TrainConfig(trainable="full", epochs=1, batch_size=6, micro_batch_size=6, lr=1e12)
+    with pytest.raises(DivergenceError, match=r"toy epoch 1 step 0: trainable weight norm .* > 100 x initial"):
+        fit(model, _toy_data(), lambda rows, b: model(b["input_ids"].float()).pow(2).mean(), cfg, tmp_path, 0, "toy")
+    assert not list(tmp_path.glob("ckpt/*/last.pt"))  # nothing of the diverged epoch is kept
+
+
+def test_exploding_loss_with_tame_weights_is_a_divergence_error(tmp_path):
+    """A loss 1000x its first value stops the run (divergence_factor 100) though the weights never move (zero
+    gradient); with divergence_factor 2000 the same run passes: the threshold is the config's."""
+    from semalign.suite.train import DivergenceError, TrainConfig, fit
+
+    for factor, fails in ((100.0, True), (2000.0, False)):
+        model, losses = torch.nn.Linear(4, 1), iter([1.0] + [1000.0] * 2)
+        cfg = TrainConfig(trainable="full", epochs=1, batch_size=2, micro_batch_size=2, divergence_factor=factor)
+
+        def loss_fn(rows, b):
+            return model(b["input_ids"].float()).sum() * 0 + next(losses)
+
+        if fails:
+            with pytest.raises(DivergenceError, match=r"toy epoch 1 step 1: loss 1000 > 100 x first-step loss 1 "):
+                fit(model, _toy_data(), loss_fn, cfg, tmp_path / "a", 0, "toy")
+        else:
+            fit(model, _toy_data(), loss_fn, cfg, tmp_path / "b", 0, "toy")
+
+
+@pytest.mark.parametrize("bad", [{"lr": 0.0}, {"lr": -1e-3}, {"divergence_factor": 1.0}])
+def test_train_config_rejects_nonpositive_lr_and_factor(bad):
+    from semalign.suite.train import TrainConfig
+
+    with pytest.raises(ValueError, match="lr must be > 0 and divergence_factor > 1"):
+        TrainConfig(**bad)

@@ -171,6 +171,17 @@ def test_slurm_profile_names_only_real_rules(tmp_path):
         (lambda c: c.update(report={"finetuned_teachers": ["tiny", "ghost_pair"]}), "ghost_pair"),
         (lambda c: c.setdefault("analysis", {}).update(cka_method="none"), "cka_method"),
         (lambda c: c.setdefault("analysis", {}).update(cka_tasks=["humaneval", "hellaswag"]), "hellaswag"),
+        # issue 14: caught at DAG start, not by the job that needs them (15-114 s in, other jobs already spent)
+        (lambda c: c["models"].update({"tiny-teacher": {"source": "/no/such/model"}}), "models.tiny-teacher"),
+        (lambda c: c["models"].update({"tiny-teacher": {"source": "not a hub id!"}}), "models.tiny-teacher"),
+        (lambda c: c["models"]["tiny-student"].update(tokenizer={"source": "pkg:no_such_pkg"}), "models.tiny-student"),
+        (lambda c: c["evaluation"].update(allow_code_execution=False), "evaluation.allow_code_execution"),
+        (lambda c: c["method_params"]["kd"].update(lr=-1e-3), "lr"),
+        (lambda c: c["method_params"]["kd"].update(lr=1e12), "lr"),
+        (lambda c: c["method_params"]["kd"].update(epochs=0), "epochs"),
+        (lambda c: c["method_params"]["kd"].update(lr="fast"), "['method_params']['kd']['lr']"),
+        (lambda c: c["method_params"]["kd"].update(ce_weight="much"), "method_params.kd.ce_weight: expected a number"),
+        (lambda c: c["method_params"]["semalign"].update(divergence_factor=0.5), "divergence_factor"),
     ],
 )
 def test_bad_config_rejected_naming_the_key(tmp_path, mutate, culprit):
@@ -179,6 +190,75 @@ def test_bad_config_rejected_naming_the_key(tmp_path, mutate, culprit):
     res = snakemake(tmp_path, cfg, "-n")
     assert res.returncode != 0
     assert culprit in res.stderr + res.stdout
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    """Regression (issue 14): `lr: 1e-3` is a string to YAML; it passed validation and crashed in the transfer."""
+    cfg = profile("smoke")
+    cfg["method_params"]["kd"]["lr"] = "1e-3"
+    res = snakemake(tmp_path, cfg, "-n", "--quiet", "rules")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg["method_params"]["kd"]["lr"] = "1e3"  # a number now, so the range check sees it
+    res = snakemake(tmp_path, cfg, "-n", "--quiet", "rules")
+    assert res.returncode != 0 and "['method_params']['kd']['lr']" in res.stderr + res.stdout
+
+
+def test_pair_with_different_local_tokenizers_rejected_at_dag_start(tmp_path):
+    """A pair whose tokenizer.json vocabularies differ is stopped before any job (it failed in the transfer job)."""
+    cfg = profile("smoke")
+    for name, token in (("tiny-teacher", "a"), ("tiny-student", "b")):
+        tok = tmp_path / f"tok-{name}"
+        tok.mkdir()
+        (tok / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {token: 0}}, "added_tokens": []}))
+        cfg["models"][name]["tokenizer"] = {"source": str(tok)}
+    res = snakemake(tmp_path, cfg, "-n")
+    assert res.returncode != 0
+    assert "config: pairs.tiny (tiny-teacher -> tiny-student): vocabulary mismatch" in res.stderr + res.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_stops_before_any_job(tmp_path):
+    """`device: cuda` on a CPU machine: a dry run still plans (the paper profile is dry-run on CPU), a real run stops
+    before its first job with one line naming the key (it failed inside the first training job)."""
+    cfg = profile("smoke")
+    cfg["device"] = "cuda"
+    assert snakemake(tmp_path, cfg, "-n", "--quiet", "rules").returncode == 0
+    res = snakemake(tmp_path, cfg, "--cores", "1")
+    assert res.returncode != 0 and "config: device = cuda but no CUDA GPU is visible" in res.stderr + res.stdout
+    assert not (tmp_path / "results").exists()  # no job ran
+
+
+def test_single_target_of_a_method_left_out_of_methods_is_a_dag_error(tmp_path):
+    """Regression (issue 14): asking for a transfer of a method not in `methods` built a cache without its teacher
+    layers and failed in training with `KeyError: 'teacher layer 2 not cached'`."""
+    cfg = profile("smoke")
+    cfg["methods"] = ["teacher", "none", "kd", "semalign"]
+    res = snakemake(tmp_path, cfg, "-n", "results/smoke/transfer/tiny/gsm8k/layerwise_kd/seed0/transfer.json")
+    assert res.returncode != 0 and "target layerwise_kd on gsm8k: not in `methods`" in res.stderr + res.stdout
+
+
+def test_switching_the_data_dir_reruns_the_splits(tmp_path):
+    """Issue 14: every file the splits rule reads is a declared input and the data dir a param, so after a complete
+    run, pointing SEMALIGN_DATA_DIR at another copy of the data plans the splits (and what depends on them) again
+    instead of "Nothing to be done"."""
+    from semalign.suite.sources import data_dir
+
+    src = data_dir()
+    if src is None:
+        pytest.skip("no local data dir (../shared/data)")
+    copies = {}
+    for name in ("a", "b"):
+        for sub in ("gsm8k", "pkt_splits"):
+            shutil.copytree(src / sub, tmp_path / name / sub)
+        copies[name] = {"SEMALIGN_DATA_DIR": str(tmp_path / name)}
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = {**profile("smoke"), "tasks": ["gsm8k"]}
+    target = "results/smoke/splits/gsm8k/manifest.json"
+    assert snakemake(work, cfg, "--cores", "1", target, env=copies["a"]).returncode == 0
+    assert "Nothing to be done" in snakemake(work, cfg, "-n", target, env=copies["a"]).stdout
+    moved = snakemake(work, cfg, "-n", target, env=copies["b"])
+    assert moved.returncode == 0 and "Rules with provenance triggered jobs: splits" in moved.stdout
 
 
 def test_default_profile_loads_under_config_overrides(tmp_path):

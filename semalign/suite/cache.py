@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from semalign.suite.chat import tokenize_records
-from semalign.suite.io import atomic_torch_save
+from semalign.suite.io import CorruptFileError, atomic_torch_save, first_line, move_aside
 from semalign.suite.models import decoder_layers, final_norm, lm_head, load_model
 
 LAYER_DTYPE = torch.float32  # pre-norm states are differenced: fp16 loses a layer's contribution (module doc)
@@ -49,6 +49,13 @@ def layer_outputs(
     handles.append(final_norm(model).register_forward_hook(
         lambda _m, _i, out: final.append(out.detach() if detach else out)))
     return store, final, handles
+
+
+class MissingTeacherLayer(KeyError):
+    """A reader asked for a layer the cache was not built with (KeyError, printed as a plain sentence)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass
@@ -85,13 +92,25 @@ class TeacherCache:
 
     def layer(self, k: int) -> torch.Tensor:
         if k not in self.layers:
-            raise KeyError(f"teacher layer {k} not cached; cached: {sorted(self.layers)}")
+            raise MissingTeacherLayer(
+                f"teacher layer {k} not cached (cached: {sorted(self.layers)}): the cache keeps the layers of the "
+                "methods configured when it was built; add this method to `methods` and re-run to rebuild it")
         return self.layers[k]
 
     @classmethod
     def load(cls, path: Path) -> TeacherCache:
-        blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        return cls(**blob)
+        """The cache at ``path``; one that does not load (truncated, overwritten) is moved aside as
+        ``<name>.corrupt-<time>`` and reported by path, so the next run of the workflow rebuilds it (its rule's
+        output is then missing) instead of failing on it forever."""
+        try:
+            blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return cls(**blob)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated file fails as RuntimeError, OSError(EINVAL), zip errors
+            aside = move_aside(path)
+            raise CorruptFileError(f"corrupt teacher cache {path} ({type(e).__name__}: {first_line(e)}); moved to "
+                                   f"{aside.name}: re-run the workflow to rebuild it") from e
 
 
 @torch.no_grad()

@@ -7,14 +7,17 @@ import hashlib
 import io
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Non-empty lines of a jsonl file as dicts; a malformed line is an error naming the file and line."""
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """Non-empty lines of a jsonl file as dicts; a malformed line, or one lacking a ``required`` field, is an error
+    naming the file, the line and the field (not a KeyError deep in whatever reads the record)."""
+    required = tuple(required)
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -26,6 +29,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            if missing := [k for k in required if k not in rec]:
+                raise ValueError(f"{path}:{n}: record lacks field(s) {missing} (required: {', '.join(required)})")
             records.append(rec)
     return records
 
@@ -64,8 +69,53 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
 
 
 def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Content hash, streamed: model weights and teacher caches do not fit in memory twice."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of ``path``, remembered in a ``.<name>.sha256`` sidecar keyed by (size, mtime_ns, inode): a multi-GB
+    cache or model is read once, not once per run that depends on it. Every write here replaces the file (atomic
+    rename: new inode and mtime), so a changed file never matches its old sidecar. The sidecar is a best-effort
+    memo: in a read-only directory the hash is simply recomputed."""
+    path = Path(path)
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    memo = path.with_name(f".{path.name}.sha256")
+    try:
+        known = json.loads(memo.read_text())
+        if known["stamp"] == stamp:
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256(path)
+    try:
+        atomic_write_text(memo, json.dumps({"stamp": stamp, "sha256": digest}))
+    except OSError:
+        pass
+    return digest
+
+
+class CorruptFileError(RuntimeError):
+    """A written file that no longer loads; the message names it and where it was moved."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, capped: enough to name the cause in a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename a corrupt file to ``<name>.corrupt-<UTC time>`` (kept for inspection, out of every reader's way)."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    os.replace(path, aside)
+    return aside
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -139,6 +139,40 @@ def check_spec(spec: dict) -> None:
         )
 
 
+def vocabulary_identity(spec: dict) -> tuple[str, str]:
+    """What two specs' vocabularies can be compared by at DAG start, before any model is prepared and without
+    downloading: ("content", hash of the vocabulary in tokenizer.json) when that file is local (a dir, or a hub id
+    already in the local HF cache), else ("name", the resolved source). Random and vocab_size-truncated models use
+    their `tokenizer` spec's vocabulary. Equal names share a tokenizer; only two different contents are a mismatch
+    (a GGUF vocabulary is read only when the model is prepared: parsing it costs seconds)."""
+    if "random" in spec or "vocab_size" in spec:
+        return vocabulary_identity(spec["tokenizer"])
+    source = resolve_source(spec["source"])
+    name = json.dumps([source, spec.get("gguf_file"), spec.get("revision")])
+    if spec.get("gguf_file"):
+        return "name", name
+    path: Path | str | None = Path(source) / "tokenizer.json"
+    if not Path(source).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(source, "tokenizer.json", revision=spec.get("revision"))
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return "name", name
+    tok = json.loads(Path(path).read_text(encoding="utf-8"))
+    payload = {"vocab": tok.get("model", {}).get("vocab"),
+               "added": sorted((t["id"], t["content"]) for t in tok.get("added_tokens", []))}
+    return "content", hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_pair_vocab(teacher: dict, student: dict) -> None:
+    """A pair whose tokenizer files are both local and differ cannot be transferred: say so before any job runs."""
+    (kt, vt), (ks, vs) = vocabulary_identity(teacher), vocabulary_identity(student)
+    if kt == ks == "content" and vt != vs:
+        raise VocabularyMismatchError(
+            f"vocabulary mismatch: teacher tokenizer {vt[:12]} vs student tokenizer {vs[:12]} (tokenizer.json "
+            "vocabularies differ); SemAlign needs teacher and student to share a tokenizer token for token")
+
+
 def load_tokenizer(spec: dict) -> PreTrainedTokenizerBase:
     """Tokenizer of a source spec (hub id / dir / pkg, optionally from a GGUF file)."""
     return _from_pretrained(AutoTokenizer, spec)

@@ -16,6 +16,7 @@ import torch
 
 from semalign.suite.io import atomic_write_text
 from semalign.suite.registry import TransferContext, get_method
+from semalign.suite.train import record_resumes
 
 
 def resolve_device(device: str) -> str:
@@ -83,9 +84,8 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str |
     shapes = {role: (m["num_layers"], m["hidden_size"])
               for role, m in (("teacher", load_manifest(ctx.teacher)), ("student", load_manifest(ctx.student)))}
     # a re-run after a crash resumes from checkpoints: its wall time is the remainder only, not the cost
-    resumed = any((ctx.out_dir / "ckpt").rglob("*.pt"))
     t0 = time.perf_counter()
-    with count_layer_passes(shapes) as passes:
+    with count_layer_passes(shapes) as passes, record_resumes() as resumed_from:
         model_path = impl.run(ctx)
     wall = time.perf_counter() - t0
     stats_file = ctx.out_dir / "train_stats.json"
@@ -95,7 +95,8 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str |
         "seed": ctx.seed,
         "model_path": str(model_path),
         "wall_seconds": wall,
-        "resumed": resumed,
+        "resumed": bool(resumed_from),
+        "resumed_from": [str(p) for p in resumed_from],
         "threads": torch.get_num_threads(),
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,

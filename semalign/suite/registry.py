@@ -14,6 +14,7 @@ path to the method as ``ctx.artifacts[artifact.key]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -74,6 +75,29 @@ class TransferContext:
     train_on_inputs: bool = False  # the same as the teacher cache's, so every method trains on identical tokens
     artifacts: dict[str, Path] = field(default_factory=dict)  # Artifact.key -> path, as declared by Method.needs
 
+    @functools.cached_property
+    def input_hashes(self) -> dict[str, str]:
+        """Content hash of every file the run reads: both models (manifest and weights), the transfer splits and
+        each artifact (teacher cache, pairing, aligned map). Computed once per run (large files once at all, see
+        :func:`semalign.suite.io.content_hash`); named by role so a changed input can be reported by name."""
+        from semalign.suite.io import content_hash
+
+        files = {}
+        for role, root in (("teacher", self.teacher), ("student", self.student)):
+            for f in sorted(Path(root).glob("*")):
+                if f.is_file() and (f.name == "manifest.json" or f.suffix == ".safetensors"):
+                    files[f"{role}/{f.name}"] = f
+        for f in sorted(Path(self.splits).glob("*")):  # the test split is for evaluation; no transfer reads it
+            if f.is_file() and not f.name.startswith(".") and f.name != "test.jsonl":
+                files[f"splits/{f.name}"] = f
+        files.update({key: Path(path) for key, path in sorted(self.artifacts.items())})
+        return {name: content_hash(f) for name, f in files.items()}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint of this run depends on besides the method's config and seed (which the training loop
+        adds): the inputs' content and how the records are tokenised. Resuming needs all of it to agree."""
+        return {"inputs": self.input_hashes, "max_len": self.max_len, "train_on_inputs": self.train_on_inputs}
+
     def artifact(self, key: str, method: str) -> Path:
         if key not in self.artifacts:
             raise ValueError(f"method {method!r} needs its {key!r} artifact, which the context lacks "
@@ -101,10 +125,15 @@ class Method:
             if params:
                 raise ValueError(f"method {cls.name!r} takes no parameters, got {sorted(params)}")
             return None
-        known = {f.name for f in dataclasses.fields(cls.config_cls)}
-        unknown = sorted(set(params) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
+        unknown = sorted(set(params) - set(fields))
         if unknown:
-            raise ValueError(f"method_params.{cls.name}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"method_params.{cls.name}: unknown parameter(s) {unknown}; known: {sorted(fields)}")
+        for key, value in params.items():  # a string lr ("1e-3") would pass the dataclass and crash in the optimizer
+            default = fields[key].default
+            if _is_number(default) and not (_is_number(value) and (isinstance(default, float) or isinstance(value, int))):
+                kind = "a number" if isinstance(default, float) else "an integer"
+                raise ValueError(f"method_params.{cls.name}.{key}: expected {kind}, got {value!r}")
         return cls.config_cls(**params)
 
     @classmethod
@@ -169,6 +198,10 @@ def task_params(section: dict[str, Any], task: str | None) -> dict[str, Any]:
     if task is not None:
         params.update(section.get("tasks", {}).get(task, {}))
     return params
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 _METHODS: dict[str, type[Method]] = {}

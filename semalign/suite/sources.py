@@ -20,6 +20,10 @@ PKT_DIRS = {"mmlu": "mmlu", "gsm8k": "gsm", "humaneval": "humaneval", "mbpp": "m
 PROTOCOL_SIZES = {  # extract/align/train of the PKT protocol; the fallback pools are cut in these proportions
     "mmlu": (20, 80, 1000), "gsm8k": (20, 80, 1000), "humaneval": (20, 80, 1000), "mbpp": (32, 40, 300),
 }
+# fields every local benchmark record must carry: a file lacking one is named with its line, not a KeyError
+GSM8K_FIELDS = ("question", "answer")
+MBPP_FIELDS = ("task_id", "text", "code", "test_list")
+MMLU_FIELDS = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
 HUB = {"mmlu": ("cais/mmlu", "all"), "gsm8k": ("openai/gsm8k", "main"), "mbpp": ("google-research-datasets/mbpp", "full")}
 MBPP_TEST_IDS = range(11, 511)  # standard MBPP split: 1-10 prompt, 11-510 test, 511-600 validation, 601-974 train
 
@@ -127,7 +131,11 @@ def _read_mmlu_csvs(folder: Path, suffix: str) -> list[dict]:
     for f in sorted(folder.glob(f"*_{suffix}.csv")):
         subject = f.name[: -len(f"_{suffix}.csv")]
         with open(f, encoding="utf-8", newline="") as fh:
-            for i, row in enumerate(csv.DictReader(fh)):
+            reader = csv.DictReader(fh)
+            for i, row in enumerate(reader):
+                if missing := [k for k in MMLU_FIELDS if row.get(k) is None]:
+                    raise ValueError(f"{f}:{reader.line_num}: row lacks column(s) {missing} "
+                                     f"(required: {', '.join(MMLU_FIELDS)})")
                 choices = [row[f"choice{k}"] for k in range(4)]
                 out.append(_mmlu_record(f"{subject}_{suffix}_{i}", subject, row["question"], choices, int(row["answer"])))
     return out
@@ -137,7 +145,7 @@ def _mbpp_rows() -> tuple[list[dict], str]:
     """All 974 MBPP tasks (local mbpp.jsonl or the hub's full config) and where they came from."""
     root = data_dir()
     if root and (root / "mbpp" / "mbpp.jsonl").exists():
-        return read_jsonl(root / "mbpp" / "mbpp.jsonl"), str(root / "mbpp" / "mbpp.jsonl")
+        return read_jsonl(root / "mbpp" / "mbpp.jsonl", MBPP_FIELDS), str(root / "mbpp" / "mbpp.jsonl")
     rows = [r for split in ("train", "validation", "test", "prompt") for r in _hub("mbpp", split, "mbpp")]
     return sorted(rows, key=lambda r: r["task_id"]), f"hub:{HUB['mbpp'][0]}"
 
@@ -159,7 +167,7 @@ def _test_set(task: str) -> tuple[list[dict], str]:
     if task == "gsm8k":
         if root and (root / "gsm8k" / "test.jsonl").exists():
             path = root / "gsm8k" / "test.jsonl"
-            return [_gsm8k_record(f"gsm8k_test_{i}", r) for i, r in enumerate(read_jsonl(path))], str(path)
+            return [_gsm8k_record(f"gsm8k_test_{i}", r) for i, r in enumerate(read_jsonl(path, GSM8K_FIELDS))], str(path)
         rows = _hub(task, "test", "gsm8k test set")
         return [_gsm8k_record(f"gsm8k_test_{i}", r) for i, r in enumerate(rows)], f"hub:{HUB[task][0]}"
     if root and (root / "mmlu" / "test").is_dir():
@@ -188,7 +196,7 @@ def mmlu_user(rec: dict) -> str:
 def _gsm8k_train() -> tuple[list[dict], str]:
     root = data_dir()
     if root and (root / "gsm8k" / "train.jsonl").exists():
-        return read_jsonl(root / "gsm8k" / "train.jsonl"), str(root / "gsm8k" / "train.jsonl")
+        return read_jsonl(root / "gsm8k" / "train.jsonl", GSM8K_FIELDS), str(root / "gsm8k" / "train.jsonl")
     return _hub("gsm8k", "train", "gsm8k train set"), f"hub:{HUB['gsm8k'][0]}:train"
 
 
@@ -229,7 +237,8 @@ def _transfer_pool(task: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
     folder = root / "pkt_splits" / PKT_DIRS[task] if root else None
     files = {s: folder / f"{PKT_DIRS[task]}_{s}_split.jsonl" for s in TRANSFER_SPLITS} if folder else {}
     if files and all(f.exists() for f in files.values()):  # protocol files, used as is (ids added where absent)
-        pool = {s: [r if "id" in r else {"id": f"{PKT_DIRS[task]}_{s}_{i}", **r} for i, r in enumerate(read_jsonl(f))]
+        pool = {s: [r if "id" in r else {"id": f"{PKT_DIRS[task]}_{s}_{i}", **r}
+                    for i, r in enumerate(read_jsonl(f, ("messages",)))]
                 for s, f in files.items()}
         return pool, {s: str(f) for s, f in files.items()}
     chats, src = _train_chats(task)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from semalign.suite.io import atomic_torch_save, write_csv
+from semalign.suite.io import atomic_torch_save, atomic_write_text, first_line, move_aside, write_csv
 
 
 def set_seed(seed: int) -> None:
@@ -39,10 +41,65 @@ def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_dir(out_dir: Path, fingerprint: dict[str, Any]) -> Path:
-    """Checkpoints live under a hash of everything that shapes the run (config, seed, pairing), so a re-run with
-    the same settings resumes, and a re-run with changed settings starts fresh instead of resuming stale state."""
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(out_dir) / "ckpt" / digest
+    """Checkpoints live under a hash of everything the run depends on (config, seed, the content of its inputs:
+    :meth:`semalign.suite.registry.TransferContext.fingerprint`), so a re-run with the same of all resumes, and a
+    re-run with anything changed starts fresh instead of resuming stale state. Each dir keeps its key in
+    ``key.json``; a fresh start beside older keys says in the log what changed."""
+    root = Path(out_dir) / "ckpt"
+    key = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = root / digest
+    if not (path / "key.json").exists():
+        older = sorted((p for p in root.glob("*/key.json") if p.parent != path), key=lambda p: p.stat().st_mtime)
+        if older:
+            changed = _changed_keys(json.loads(older[-1].read_text()), key)
+            print(f"checkpoint key changed since {older[-1].parent} ({', '.join(changed)}): starting fresh in {path}")
+        atomic_write_text(path / "key.json", json.dumps(key, indent=1, sort_keys=True))
+    return path
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two checkpoint keys (the input files by name)."""
+    changed = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            changed.append(f"{prefix}{k}")
+    return changed
+
+
+_RESUMED: list[list[Path]] = []  # open record_resumes() blocks, innermost last
+
+
+@contextmanager
+def record_resumes() -> Iterator[list[Path]]:
+    """Collect the checkpoints :func:`load_checkpoint` actually loads inside the block: a run is "resumed" (its wall
+    time a remainder) exactly when this list is non-empty, not merely because an old checkpoint dir exists."""
+    loaded: list[Path] = []
+    _RESUMED.append(loaded)
+    try:
+        yield loaded
+    finally:
+        _RESUMED.remove(loaded)
+
+
+def load_checkpoint(path: Path, map_location: Any, weights_only: bool = True) -> Any | None:
+    """The checkpoint at ``path``, or None when there is none to resume from. One that does not load (truncated,
+    overwritten) is moved aside as ``<name>.corrupt-<time>`` with a log line naming it, and the run starts that
+    unit of work fresh: a re-run heals instead of failing on it forever."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, pickle or zip errors alike
+        aside = move_aside(path)
+        print(f"corrupt checkpoint {path} ({type(e).__name__}: {first_line(e)}); moved to {aside.name}, starting fresh")
+        return None
+    for loaded in _RESUMED:
+        loaded.append(path)
+    return state
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
@@ -50,6 +107,44 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}) at {where}; last good checkpoint kept")
 
+
+class DivergenceError(FloatingPointError):
+    """Training blew up while staying finite: loss or weight norm grew past ``divergence_factor`` x its start."""
+
+
+@dataclass
+class DivergenceGuard:
+    """Stops a run whose loss or trainable-weight norm exceeds ``factor`` x its value at the first step: a learning
+    rate of 1e12 gives finite but meaningless weights (norm ~1e12), which must be an error, not a table entry.
+    ``observe`` runs after every optimizer step, so the weights left by the last step are checked too."""
+
+    factor: float
+    params: list[torch.Tensor]
+    loss0: float | None = None
+    norm0: float | None = None
+
+    def __post_init__(self) -> None:
+        self.norm0 = self.norm()
+
+    def norm(self) -> float:
+        """L2 norm of all trainable weights, accumulated in fp32 on their device: one host sync per step."""
+        with torch.no_grad():
+            dev = self.params[0].device
+            norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32).to(dev) for p in self.params]
+            return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+    def observe(self, loss: float, where: str) -> None:
+        if self.loss0 is None:
+            self.loss0 = loss
+        norm = self.norm()
+        if not math.isfinite(norm):
+            raise DivergenceError(f"diverged at {where}: non-finite trainable weights; last good checkpoint kept")
+        if self.loss0 > 0 and loss > self.factor * self.loss0:
+            raise DivergenceError(f"diverged at {where}: loss {loss:.4g} > {self.factor:g} x first-step loss "
+                                  f"{self.loss0:.4g} (divergence_factor); lower lr. Last good checkpoint kept")
+        if self.norm0 > 0 and norm > self.factor * self.norm0:
+            raise DivergenceError(f"diverged at {where}: trainable weight norm {norm:.4g} > {self.factor:g} x initial "
+                                  f"{self.norm0:.4g} (divergence_factor); lower lr. Last good checkpoint kept")
 
 
 def spent(examples: int, example_passes: int, optimizer_steps: int) -> dict[str, float | int]:
@@ -76,6 +171,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"])
+    divergence_factor: float = 100.0  # stop when loss or trainable-weight norm exceeds this x its start (DivergenceGuard)
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("trainable", self.trainable, ("lora", "full")),
@@ -86,11 +182,15 @@ class TrainConfig:
             raise ValueError(f"{type(self).__name__}: epochs, batch_size and micro_batch_size must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"{type(self).__name__}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.lr > 0 or not self.divergence_factor > 1:
+            raise ValueError(f"{type(self).__name__}: lr must be > 0 and divergence_factor > 1, got "
+                             f"{self.lr!r} and {self.divergence_factor!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What shapes the run. A constant schedule leaves ``epochs`` out, so extending a finished run resumes it;
         a decaying schedule depends on the total step count, so there it is part of the run's identity."""
         cfg = asdict(self)
+        cfg.pop("divergence_factor")  # a stopping rule: never changes the weights of a run that passes it
         if self.schedule == "constant":
             cfg.pop("epochs")
         return cfg
@@ -146,12 +246,14 @@ def fit(
     sched = lr_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     ckpt = checkpoint_dir(out_dir, {"config": cfg.fingerprint(), "seed": seed, **(fingerprint or {})}) / "last.pt"
     start_epoch, curve = 0, []
-    if ckpt.exists():  # resume: trainable weights, optimizer, schedule and curve of the last finished epoch
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
+    guard = DivergenceGuard(cfg.divergence_factor, params)  # before resuming: its reference is the initial weights
+    state = load_checkpoint(ckpt, map_location=dev, weights_only=False)
+    if state is not None:  # resume: trainable weights, optimizer, schedule and curve of the last finished epoch
         module.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, curve = state["epoch"], state["curve"]
+        guard.loss0 = curve[0]["loss"] if curve else None
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     for epoch in range(start_epoch, cfg.epochs):
         set_seed(seed * 1000 + epoch)  # dropout masks independent of whether we resumed
@@ -167,6 +269,7 @@ def fit(
                 total += loss.item() * len(rows) / len(idx)
             opt.step()
             sched.step()
+            guard.observe(total, f"{tag} epoch {epoch + 1} step {step}")
             curve.append({"epoch": epoch + 1, "step": step, "loss": total})
             bar.set_postfix(loss=f"{total:.4f}")
         weights = {k: v for k, v in module.state_dict().items() if k in trainable}

@@ -8,16 +8,52 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import yaml
 from snakemake.utils import validate
 
 from semalign.attribution import METHODS as ATTRIBUTION_METHODS
 from semalign.method import AlignedMap, Pairing
 from semalign.pairing import STRATEGIES
 from semalign.suite.ids import PairingName, SplitId, Variant
+from semalign.suite.evaluation import CODE_TASKS
+from semalign.suite.models import check_pair_vocab, check_spec
 from semalign.suite.sources import SPLITS, data_dir, source_files
 from semalign.suite.fairness import violations
 from semalign.suite.registry import Artifact, TeacherCache, available_methods, method_class, task_params
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_SCHEMA = yaml.safe_load(Path(workflow.basedir, "workflow", "schemas", "config.schema.yaml").read_text())
+
+
+def _numbers(node, schema: dict, loose: bool = True):
+    """Strings that are numbers, coerced before validation: YAML 1.1 (PyYAML, so Snakemake) reads `lr: 1e-3` as a
+    string, and `--config seeds=[0]` gives strings inside lists. A string becomes a number where the schema asks for
+    one, and in scientific notation anywhere (method parameters are not all in the schema) but in model specs,
+    whose revisions may look alike."""
+    if "$ref" in schema:
+        schema = _SCHEMA["definitions"][schema["$ref"].rsplit("/", 1)[-1]]
+    if isinstance(node, dict):
+        extra = schema.get("additionalProperties")
+        return {k: _numbers(v, schema.get("properties", {}).get(k, extra if isinstance(extra, dict) else {}),
+                            loose and k != "models") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers(v, schema.get("items", {}), loose) for v in node]
+    if not isinstance(node, str):
+        return node
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    text = node.strip()
+    if "integer" in types and re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if "number" in types or (loose and _SCIENTIFIC.fullmatch(text)):
+        try:
+            return float(text)
+        except ValueError:
+            return node
+    return node
+
+
+config.update(_numbers(config, _SCHEMA))
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Rule scripts import the semalign package: make the checkout importable also inside per-rule conda envs.
@@ -126,10 +162,22 @@ def check_config() -> None:
                                  "also sets: the reference row would not be the configured value on that task")
     if extra := sorted(set(ABLATION_SEEDS) - set(SEEDS)):
         raise ValueError(f"config: ablations.seeds {extra} not in seeds {SEEDS}: the reference row runs at `seeds`")
+    for name, spec in config["models"].items():  # paths exist, hub ids well formed, pkg: installed; no download
+        try:
+            check_spec({k: v for k, v in spec.items() if k != "bootstrap"})
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"config: models.{name}: {e}") from None
     for pair, p in config["pairs"].items():
         for role in ("teacher", "student"):
             if p[role] not in config["models"]:
                 raise ValueError(f"config: pairs.{pair}.{role} = {p[role]!r} is not a key of models")
+        try:
+            check_pair_vocab(config["models"][p["teacher"]], config["models"][p["student"]])
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"config: pairs.{pair} ({p['teacher']} -> {p['student']}): {e}") from None
+    if (code := [t for t in TASKS if t in CODE_TASKS]) and not config["evaluation"]["allow_code_execution"]:
+        raise ValueError(f"config: evaluation.allow_code_execution is false but tasks include {', '.join(code)}, "
+                         "which execute model-written code: set it to true to consent, or drop those tasks")
     for task in TASKS:
         if task not in config["data"]["sizes"]:
             raise ValueError(f"config: data.sizes.{task} missing (tasks lists {task})")
@@ -148,6 +196,15 @@ def check_config() -> None:
 
 check_config()
 VARIANTS = ablation_variants()
+
+
+onstart:
+    # Only when jobs actually run here (not a dry run, not on a cluster whose nodes carry the GPUs): before any job.
+    if config["device"] == "cuda" and workflow.executor_plugin.common_settings.local_exec:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("config: device = cuda but no CUDA GPU is visible here; set device: cpu or auto")
 
 
 def trained_methods() -> list[str]:
@@ -203,6 +260,10 @@ def transfer_inputs(wc) -> dict:
     inputs = {"teacher": pair_model("teacher")(wc), "student": pair_model("student")(wc),
               "splits": splits_manifest(wc.task)}
     for artifact in needs(wc.method, wc.task):
+        if isinstance(artifact, TeacherCache) and artifact.pairing and artifact not in cache_readers(wc):
+            raise ValueError(f"target {wc.method} on {wc.task}: not in `methods` (nor an ablation variant there), so the "
+                             f"shared teacher cache of {wc.pair}/{wc.task} does not keep the teacher layers it reads; "
+                             f"add {Variant.parse(wc.method).method} to `methods`")
         inputs[artifact.key] = artifact.path(R, wc.pair, wc.task)
     return inputs
 
