@@ -404,7 +404,7 @@ def test_trainer_feeds_each_stage_the_hand_target(setup, deep_students, tmp_path
     m = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) / 8
     calls, _ = _record_stage_inputs(monkeypatch)
     cfg = SemAlignConfig(**{**FAST, "batch_size": 5, "micro_batch_size": 5, "trainable": "full", "target": target,
-                            "kl_every_stage": False})
+                            "kl_every_stage": False, "budget": "epochs_per_stage"})  # one step in every stage
     train_frontier(model, cache, pair_layers(4, L_S, "depth_ratio"), cfg, tmp_path, seed=0, m=m)
     assert len(calls) == L_S  # one step per stage
     for k, ((start, end), call) in enumerate(zip(HAND_SPANS[L_S, target], calls), start=1):
@@ -432,7 +432,7 @@ def test_step0_losses_recomputed_from_raw_states(setup, tmp_path, monkeypatch):
     m = torch.load(cache_path.parent / "map.pt")
     _, logits = _record_stage_inputs(monkeypatch)
     initial, trained = _run_direct(setup, tmp_path, batch_size=5, micro_batch_size=5, trainable="full",
-                                   kl_every_stage=True, lr=0.05)
+                                   kl_every_stage=True, lr=0.05, budget="epochs_per_stage")  # a step per stage
     curve = {(int(r["stage"]), int(r["step"])): r for r in csv.DictReader(open(tmp_path / "loss_curve.csv"))}
     lm = cache.loss_mask
     answer = torch.zeros_like(lm, dtype=torch.bool)
