@@ -391,8 +391,8 @@ def test_smoke_dag_bf16_end_to_end(tmp_path):
     method trains and evaluates, every model is stored in bf16, no table cell that is a finite number in fp32 is
     NaN or inf in bf16, and each row's answer NLL is within 0.5% of fp32's.
 
-    Tolerance: a forward pass of the smoke models in bf16 moves the answer NLL (~10.8 nats, near-uniform random
-    models) by <= 1e-4 relative (measured on six chat records); the transfers add one or a few optimizer steps
+    Tolerance: a forward pass of the smoke models in bf16 moves the answer NLL (~10.8 nats per token: near-uniform
+    random models) by <= 1e-4 relative (measured on six chat records); the transfers add one or a few optimizer steps
     whose bf16 rounding differs. 0.5% (~0.05 nats) allows that, and catches a method whose bf16 run drifts from
     its fp32 one by more than its own training moved it. The NLL column is reduced in fp32 (lm-eval
     softmax_dtype) in both runs."""
