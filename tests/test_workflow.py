@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -270,19 +271,27 @@ def test_default_profile_loads_under_config_overrides(tmp_path):
     assert "bootstrap_student" in res.stdout  # mini's own rule: the mini profile was loaded
 
 
-def test_smoke_dag_end_to_end(tmp_path):
-    """Run every rule of the smoke profile, plus the README's worked example (a baseline with its own artifact,
-    added to a copy of the repository from the README's text), and check the tables' content."""
-    repo = copy_repo(tmp_path / "repo")
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> SimpleNamespace:
+    """One fp32 run of the whole smoke DAG, shared by the tests that read it: on a copy of the repository with the
+    README's worked example (a baseline with its own artifact) added from the README's text."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    repo = copy_repo(tmp / "repo")
     touched = readme_example(repo)
-    assert [p.relative_to(repo).as_posix() for p in touched] == [
-        "baselines/prior_sft.py", "workflow/rules/methods/prior_sft.smk", "config/smoke.yaml"]
     cfg = profile("smoke", repo)
-    assert cfg["methods"][-1] == "prior_sft"
-    work = tmp_path / "work"
+    work = tmp / "work"
     work.mkdir()
     env = {"PYTHONPATH": str(repo)}  # the copy's packages, not the installed ones
     res = snakemake(work, cfg, "--cores", "2", env=env, repo=repo)
+    return SimpleNamespace(repo=repo, touched=touched, cfg=cfg, work=work, env=env, res=res)
+
+
+def test_smoke_dag_end_to_end(smoke):
+    """Every rule of the smoke profile, plus the README's worked example, and the tables' content."""
+    repo, cfg, work, env, res = smoke.repo, smoke.cfg, smoke.work, smoke.env, smoke.res
+    assert [p.relative_to(repo).as_posix() for p in smoke.touched] == [
+        "baselines/prior_sft.py", "workflow/rules/methods/prior_sft.smk", "config/smoke.yaml"]
+    assert cfg["methods"][-1] == "prior_sft"
     assert res.returncode == 0, res.stderr[-5000:]
     prior = work / "results" / "smoke" / "prior" / "tiny" / "gsm8k.pt"
     assert abs(float(__import__("torch").load(prior).sum()) - 1.0) < 1e-5  # the artifact was made and read
@@ -386,7 +395,7 @@ def _number(v: object) -> float | None:
         return None
 
 
-def test_smoke_dag_bf16_end_to_end(tmp_path):
+def test_smoke_dag_bf16_end_to_end(smoke, tmp_path):
     """The whole smoke DAG in bf16 (`dtype: bfloat16`, the paper's dtype) against the same DAG in fp32: every
     method trains and evaluates, every model is stored in bf16, no table cell that is a finite number in fp32 is
     NaN or inf in bf16, and each row's answer NLL is within 0.5% of fp32's.
@@ -396,13 +405,12 @@ def test_smoke_dag_bf16_end_to_end(tmp_path):
     whose bf16 rounding differs. 0.5% (~0.05 nats) allows that, and catches a method whose bf16 run drifts from
     its fp32 one by more than its own training moved it. The NLL column is reduced in fp32 (lm-eval
     softmax_dtype) in both runs."""
-    runs = {}
-    for dtype, target in (("float32", "results/smoke/tables/main.md"), ("bfloat16", "all")):
-        work = tmp_path / dtype
-        work.mkdir()
-        res = snakemake(work, {**profile("smoke"), "dtype": dtype}, "--cores", "2", "--", target)
-        assert res.returncode == 0, (dtype, res.stderr[-5000:])
-        runs[dtype] = work / "results" / "smoke"
+    assert smoke.res.returncode == 0, "the fp32 smoke run failed (see test_smoke_dag_end_to_end)"
+    work = tmp_path / "bfloat16"
+    work.mkdir()
+    res = snakemake(work, {**smoke.cfg, "dtype": "bfloat16"}, "--cores", "2", env=smoke.env, repo=smoke.repo)
+    assert res.returncode == 0, res.stderr[-5000:]
+    runs = {"float32": smoke.work / "results" / "smoke", "bfloat16": work / "results" / "smoke"}
     bf16 = runs["bfloat16"]
     for manifest in [*bf16.glob("models/*/prepared/manifest.json"), *bf16.glob("transfer/**/model/manifest.json")]:
         assert json.loads(manifest.read_text())["dtype"] == "bfloat16", manifest
