@@ -13,6 +13,8 @@ rule semantic_bases:
         per_task=config["analysis"]["examples_per_task"],
         max_len=config["data"]["max_len"],
         seed=config["data"]["seed"],
+    resources:
+        **planned("semantic_bases"),
     log:
         f"{LOGS}/semantic_bases/{{model}}.log",
     benchmark:
@@ -30,6 +32,8 @@ rule aligned_map:
         student=pair_model("student"),
     output:
         AlignedMap.pattern(R),
+    resources:
+        **planned("aligned_map"),
     log:
         f"{LOGS}/aligned_map/{{pair}}.log",
     benchmark:
@@ -64,7 +68,7 @@ rule attribution:
         f"{BENCH}/attribution/{{pair}}/{{task}}/{{attribution}}.tsv"
     threads: THREADS
     resources:
-        gpu=config["gpus_per_job"],
+        **planned("attribution"),
     conda:
         "../envs/semalign.yaml"
     message:
