@@ -130,6 +130,11 @@ def model_shape(spec: dict, prepared_dir: Path | None = None) -> ModelShape:
 @lru_cache(maxsize=64)
 def _spec_shape(spec_json: str, prepared_config: Path | None) -> ModelShape:
     config, dtype_bytes = model_config(json.loads(spec_json), prepared_config.parent if prepared_config else None)
+    return shape_of(config, dtype_bytes)
+
+
+def shape_of(config: Any, dtype_bytes: int) -> ModelShape:
+    """The shape of a transformers config with weights of ``dtype_bytes`` each."""
     return _shape(config.to_json_string(use_diff=False), dtype_bytes)
 
 
