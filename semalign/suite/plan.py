@@ -448,6 +448,23 @@ def plan_job(config: dict, rule: str, wc: dict[str, str], root: Path | None = No
 COLUMNS = ["rule", "job", "device_gb", "host_gb", "disk_gb", "tflop", "runtime_min", "fits", "note"]
 
 
+def summary(plans: list[JobPlan]) -> str:
+    """One markdown row per rule (and method, for transfer): job count, the largest peaks, disk and FLOPs per job,
+    the longest runtime bound, and whether every job fits."""
+    groups: dict[str, list[JobPlan]] = {}
+    for p in plans:
+        method = p.job.split("/")[2] if p.rule == "transfer" else ""
+        groups.setdefault(f"{p.rule} {method}".strip(), []).append(p)
+    lines = ["| job | n | device GB (max) | host GB (max) | disk GB (max) | TFLOP (max) | runtime min (max) | fits |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, ps in groups.items():
+        fits = sum(p.fits for p in ps)
+        lines.append(f"| {name} | {len(ps)} | {max(p.device_gb for p in ps):.1f} | {max(p.host_gb for p in ps):.1f} | "
+                     f"{max(p.disk_gb for p in ps):.1f} | {max(p.tflop for p in ps):.0f} | "
+                     f"{max(p.runtime_min for p in ps):.0f} | {'all' if fits == len(ps) else f'{fits}/{len(ps)}'} |")
+    return "\n".join(lines)
+
+
 def write_plan(plans: list[JobPlan], setting: Setting, out_md: Path, out_csv: Path, out_json: Path) -> None:
     """plan.md (one row per job, then totals), plan.csv and plan.json (rows + the assumptions)."""
     from semalign.suite.io import atomic_path, write_csv
@@ -463,6 +480,7 @@ def write_plan(plans: list[JobPlan], setting: Setting, out_md: Path, out_csv: Pa
              "Host memory excludes the teacher cache, read through mmap (reclaimable page cache).",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines[4:4] = ["## By rule and method", "", summary(plans), "", "## Every job", ""]
     misfits = [p for p in plans if not p.fits]
     lines += ["", f"Total: {sum(p.tflop for p in plans) / 1e3:.1f} PFLOP, {sum(p.disk_gb for p in plans):.0f} GB "
               f"written, {sum(p.runtime_min for p in plans) / 60:.1f} job-hours.", ""]
