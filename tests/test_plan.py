@@ -147,3 +147,12 @@ def test_slurm_request_scales_the_plan():
                        fits=True)
     assert plan.slurm_resources(job, {"plan": {"safety": 1.5}, "gpus_per_job": 1}) == \
         {"mem_mb": 16000, "runtime": 30, "gpu": 1}
+
+
+def test_training_state_counts_adapters_but_not_the_models_own_weights():
+    """AdamW keeps a gradient and two moments per trainable weight; LoRA adapters are extra weights, a full
+    fine-tune's are the model's own (already counted with the model)."""
+    from types import SimpleNamespace
+
+    assert plan.train_state_bytes(SimpleNamespace(trainable="full"), 10, 2) == 60
+    assert plan.train_state_bytes(SimpleNamespace(trainable="lora"), 10, 4) == 160

@@ -156,9 +156,10 @@ def logits_bytes(tokens: int, vocab: int, p: int, distill: bool) -> float:
     return tokens * vocab * (p + (24 if distill else 12))
 
 
-def adam_bytes(n: int, p: int) -> float:
-    """Trainable parameters' gradient and AdamW's two moments, all in the parameter's dtype (torch AdamW)."""
-    return 3 * n * p
+def train_state_bytes(cfg: Any, n: int, p: int) -> float:
+    """Trainable parameters' gradient and AdamW's two moments, all in the parameter's dtype (torch AdamW), and the
+    parameters themselves when they are adapters beside the model (LoRA) rather than its own weights."""
+    return (4 if cfg.trainable == "lora" else 3) * n * p
 
 
 def lora_params(m: ModelShape, r: int, targets: list[str], layers: int) -> int:
@@ -317,7 +318,7 @@ def transfer_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st:
     note = ""
     if method in ("kd", "lora_sft", "layerwise_kd"):
         n_tr, b = trainable(st, cfg)
-        device = st.weight_bytes + adam_bytes(n_tr, b) + n_tr * b + _train_step(st, cfg, T, L, method != "lora_sft")
+        device = st.weight_bytes + train_state_bytes(cfg, n_tr, b) + _train_step(st, cfg, T, L, method != "lora_sft")
         if method != "lora_sft":
             device += head_t
             read += cache_file_bytes
@@ -331,7 +332,7 @@ def transfer_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st:
         n_tr, b = trainable(st, cfg, layers=1)
         suffix = L - 1 if cfg.kl_every_stage or cfg.loss == "kl_only" else 0
         h_prev = n * T * st.d * p  # the frozen prefix output of every row, on the host, cloned once per stage
-        device = (st.weight_bytes + adam_bytes(n_tr, b) + n_tr * b + head_t + st.d * t.d * 4
+        device = (st.weight_bytes + train_state_bytes(cfg, n_tr, b) + head_t + st.d * t.d * 4
                   + _train_step(st, cfg, T, 1 + suffix, True)
                   + cfg.micro_batch_size * T * t.d * 4 * 3)  # fp32 teacher target: two states summed + mapped
         host = 2 * h_prev
@@ -352,7 +353,7 @@ def transfer_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st:
         targets = list(cfg.lora_targets)
         n_tr, b = trainable(st, cfg)
         untie = st.embed_params * p if st.tied and {"embed_tokens", "lm_head"} & set(targets) else 0
-        train_dev = st.weight_bytes + untie + adam_bytes(n_tr, b) + n_tr * b + _train_step(st, cfg, T, L, False)
+        train_dev = st.weight_bytes + untie + train_state_bytes(cfg, n_tr, b) + _train_step(st, cfg, T, L, False)
         device = max(sens_dev + st.weight_bytes, train_dev)
         flop = (3 * forward_flop(t, sizes["extract"] * T)
                 + cfg.epochs * n * T * 4 * (st.params - st.embed_params * (not st.tied)))
