@@ -17,6 +17,7 @@ if not workflow.overwrite_configfiles:  # the default profile; --config key=valu
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/semalign.smk"

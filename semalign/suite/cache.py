@@ -134,6 +134,9 @@ def build_teacher_cache(
         for i in tqdm(range(0, len(records), batch_size), desc="teacher forward", unit="batch"):
             sl = slice(i, i + batch_size)
             model.model(input_ids=data["input_ids"][sl].to(dev), attention_mask=data["attention_mask"][sl].to(dev))
+            for v in store.values():  # off the device batch by batch: it holds one batch's states, not the cache
+                v[-1] = v[-1].to("cpu", LAYER_DTYPE)
+            final[-1] = final[-1].to("cpu", FINAL_DTYPE)
     finally:
         for h in handles:
             h.remove()
@@ -146,9 +149,9 @@ def build_teacher_cache(
     }
     blob = {
         **data,
-        "final_hidden": torch.cat(final).to("cpu", FINAL_DTYPE),
+        "final_hidden": torch.cat(final),
         "head_weight": lm_head(model).weight.detach().to("cpu", torch.float32).clone(),  # fp32: logits stay faithful
-        "layers": {k: torch.cat(v).to("cpu", LAYER_DTYPE) for k, v in store.items()},
+        "layers": {k: torch.cat(v) for k, v in store.items()},
         "meta": meta,
     }
     atomic_torch_save(blob, out_path)

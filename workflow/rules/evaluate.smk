@@ -16,7 +16,7 @@ rule evaluate:
         f"{BENCH}/evaluate/{{pair}}/{{task}}/{{method}}/seed{{seed}}.tsv"
     threads: THREADS
     resources:
-        gpu=config["gpus_per_job"],
+        **planned("evaluate"),
     conda:
         "../envs/semalign.yaml"
     message:

@@ -12,7 +12,7 @@ rule prepare_model:
     benchmark:
         f"{BENCH}/prepare_model/{{model}}.tsv"
     resources:
-        mem_mb=32000,
+        **planned("prepare_model"),
     conda:
         "../envs/semalign.yaml"
     message:

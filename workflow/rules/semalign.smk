@@ -13,6 +13,8 @@ rule semantic_bases:
         per_task=config["analysis"]["examples_per_task"],
         max_len=config["data"]["max_len"],
         seed=config["data"]["seed"],
+    resources:
+        **planned("semantic_bases"),
     log:
         f"{LOGS}/semantic_bases/{{model}}.log",
     benchmark:
@@ -32,6 +34,8 @@ rule aligned_map:
         AlignedMap.pattern(R),
     wildcard_constraints:
         lens=_alternatives(AlignedMap.LENSES),
+    resources:
+        **planned("aligned_map"),
     log:
         f"{LOGS}/aligned_map/{{pair}}_{{lens}}.log",
     benchmark:
@@ -66,7 +70,7 @@ rule attribution:
         f"{BENCH}/attribution/{{pair}}/{{task}}/{{attribution}}.tsv"
     threads: THREADS
     resources:
-        gpu=config["gpus_per_job"],
+        **planned("attribution"),
     conda:
         "../envs/semalign.yaml"
     message:

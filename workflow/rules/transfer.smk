@@ -21,7 +21,7 @@ rule cache_teacher:
         f"{BENCH}/cache_teacher/{{pair}}/{{task}}.tsv"
     threads: THREADS
     resources:
-        gpu=config["gpus_per_job"],
+        **planned("cache_teacher"),
     conda:
         "../envs/semalign.yaml"
     message:
@@ -47,7 +47,7 @@ rule transfer:
         f"{BENCH}/transfer/{{pair}}/{{task}}/{{method}}/seed{{seed}}.tsv"
     threads: THREADS
     resources:
-        gpu=config["gpus_per_job"],
+        **planned("transfer"),
     conda:
         "../envs/semalign.yaml"
     message:
