@@ -41,7 +41,7 @@ from semalign.suite.io import atomic_torch_save, write_csv
 from semalign.suite.models import decoder_layers, final_norm, lm_head, load_model, model_device
 from semalign.suite.objectives import sft_loss
 from semalign.suite.registry import Method, TransferContext, register_method
-from semalign.suite.train import check_finite, spent, trim
+from semalign.suite.train import DivergenceGuard, check_finite, spent, trim
 
 MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
 FAMILY = {"up_proj": "ffn", "down_proj": "ffn", "v_proj": "attn", "o_proj": "attn"}  # layers ranked per family
@@ -68,6 +68,8 @@ class LaTenConfig:
     # optimizer steps = the first `steps` extract examples; None = all of them (upstream). SemAlign v1 Table 4
     # ran the LaTen protocol with 2/4/3/8 steps (MMLU/GSM8K/HumanEval/MBPP)
     steps: int | None = None
+    # a step whose total loss exceeds this multiple of the first step's stops the run (semalign.suite.train)
+    divergence_factor: float = 100.0
 
     def __post_init__(self) -> None:
         self.betas, self.modules = tuple(self.betas), tuple(self.modules)
@@ -368,6 +370,9 @@ class LaTen(Method):
             return translated, build_deltas(student, where_s, translated), where_t
 
         curve, seen = [], set()  # seen: the align rows the steps drew (the budget's distinct examples)
+        # the loss alone: the translator starts at ~0 (init_std), so a healthy run grows its weights by orders of
+        # magnitude and their norm relative to the start says nothing
+        guard = DivergenceGuard(cfg.divergence_factor, [])
         for idx in tqdm(range(steps), desc="laten align"):
             opt.zero_grad(set_to_none=True)
             translated, deltas, _ = translate(extract_records[idx])
@@ -382,6 +387,7 @@ class LaTen(Method):
             sched.step()
             lm = sum(ce) / len(ce)
             curve.append({"step": idx, "lm_loss": lm, "mse": mse.item(), "total": lm + cfg.mse_weight * mse.item()})
+            guard.observe(curve[-1]["total"], f"laten step {idx}")
         write_csv(ctx.out_dir / "loss_curve.csv", curve, ["step", "lm_loss", "mse", "total"])
         atomic_torch_save(translator.state_dict(), ctx.out_dir / "translator.pt")
 

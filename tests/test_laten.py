@@ -229,3 +229,20 @@ def test_laten_end_to_end_saves_student_plus_delta(tiny_pair, chat_records, tmp_
         curve = list(csv.DictReader(f))
     assert [int(r["step"]) for r in curve] == [0, 1] and all(float(r["lm_loss"]) > 0 for r in curve)
     assert (ctx.out_dir / "translator.pt").exists()
+
+
+def test_laten_exploding_loss_stops_naming_the_step(tiny_pair, chat_records, tmp_path, monkeypatch):
+    """Divergence is an error in LaTen too: a total loss 1000 x the first step's stops the run at that step."""
+    from baselines import laten
+    from semalign.suite.train import DivergenceError
+
+    teacher, student_dir = tiny_pair
+    splits = tmp_path / "splits"
+    for name, recs in (("extract", chat_records[:3]), ("align", chat_records[3:]), ("train", chat_records)):
+        write_jsonl(splits / f"{name}.jsonl", recs)
+    losses = iter([1.0, 1000.0, 1.0])
+    monkeypatch.setattr(laten, "_example_backward", lambda *args: next(losses))
+    ctx = TransferContext(teacher=teacher, student=student_dir, splits=splits, task="gsm8k", out_dir=tmp_path / "run",
+                          seed=1, max_len=64, params={"samples_per_step": 1, "mse_weight": 0.0})
+    with pytest.raises(DivergenceError, match=r"laten step 1: loss 1000 > 100 x first-step loss 1"):
+        get_method("laten").run(ctx)

@@ -127,7 +127,10 @@ class DivergenceGuard:
         self.norm0 = self.norm()
 
     def norm(self) -> float:
-        """L2 norm of all trainable weights, accumulated in fp32 on their device: one host sync per step."""
+        """L2 norm of all trainable weights, accumulated in fp32 on their device: one host sync per step (0 with
+        no weights: the loss alone is watched)."""
+        if not self.params:
+            return 0.0
         with torch.no_grad():
             dev = self.params[0].device
             norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32).to(dev) for p in self.params]
