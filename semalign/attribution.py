@@ -122,7 +122,11 @@ def _logit_lens(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_si
         finally:
             for h in handles:
                 h.remove()
-        lp = [gold_logprob(head(norm(store[k][0])), ids, lm).sum().double() for k in range(L + 1)]
+        # read out in fp32 whatever the model dtype: the score is a difference of nearby log-probs, which bf16
+        # logits would round away (the fault LaTen's lens had)
+        w = head.weight.float()
+        lp = [gold_logprob(torch.nn.functional.linear(norm(store[k][0]).float(), w), ids, lm).sum().double()
+              for k in range(L + 1)]
         gain += torch.stack([lp[k] - lp[k - 1] for k in range(1, L + 1)])
         n_scored += int(shift_mask(lm).sum())
     return (gain / max(n_scored, 1)).tolist()

@@ -179,3 +179,25 @@ def test_schema_lists_exactly_the_registered_methods():
     items = schema["properties"]["analysis"]["properties"]["attribution_methods"]["items"]
     semalign = schema["properties"]["method_params"]["properties"]["semalign"]["properties"]
     assert items["enum"] == semalign["attribution"]["enum"] == list(METHODS)
+
+
+def test_bf16_logit_lens_reads_out_in_fp32(model, batch):
+    """The lens's per-layer gains are differences of nearby log-probs: on a bf16 model with logits of a trained
+    model's size (O(10); here the head scaled up) they must be read out of its states in fp32, not through bf16
+    logits (which move a gain by ~0.04 here, against < 1e-3 allowed)."""
+    low = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
+    store = {}  # the last layer's pre-norm output (hidden_states ends with the final norm's output instead)
+    handle = low.model.layers[-1].register_forward_hook(
+        lambda _m, _i, o: store.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        low.lm_head.weight.mul_(200.0)
+        hs = low(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 output_hidden_states=True).hidden_states[:-1]  # embeddings, layers 1..L-1
+    handle.remove()
+    hs = [*hs, store["h"]]
+    scores = layer_scores(low, batch, method="logit_lens")
+    n = batch["loss_mask"][:, 1:].sum().item()
+    w = low.lm_head.weight.double()
+    lp = [gold_logprob(low.model.norm(h).double() @ w.T, batch["input_ids"], batch["loss_mask"]).sum() for h in hs]
+    expect = [((lp[k] - lp[k - 1]) / n).item() for k in range(1, L + 1)]
+    assert scores == pytest.approx(expect, abs=1e-3)
