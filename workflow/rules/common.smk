@@ -198,9 +198,20 @@ check_config()
 VARIANTS = ablation_variants()
 
 
+HOST_RULES = {"plan", "splits", "contamination", "pairing", "aggregate", "figures", "loss_curves", "cka_figure",
+              "run_manifest", "all"}  # never load a model on `device`
+
+
+def _runs_on_the_device() -> bool:
+    """Whether a job left to run here loads a model on `device` (a plan or a table does not: a login node may
+    write them)."""
+    return any(job.rule.name not in HOST_RULES for job in workflow.dag.needrun_jobs())
+
+
 onstart:
-    # Only when jobs actually run here (not a dry run, not on a cluster whose nodes carry the GPUs): before any job.
-    if config["device"] == "cuda" and workflow.executor_plugin.common_settings.local_exec:
+    # Only when jobs actually run here (not a dry run, not on a cluster whose nodes carry the GPUs) and one of them
+    # needs the GPU: before any job.
+    if config["device"] == "cuda" and workflow.executor_plugin.common_settings.local_exec and _runs_on_the_device():
         import torch
 
         if not torch.cuda.is_available():
