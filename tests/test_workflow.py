@@ -25,8 +25,9 @@ def snakemake(workdir: Path, config: dict | None, *args: str, env: dict | None =
         cfg = workdir / "config.yaml"
         cfg.write_text(yaml.safe_dump(config))
         cmd += ["--configfile", str(cfg)]
+    # cwd: `python -m` puts the working directory first on sys.path, before PYTHONPATH (a copy's packages)
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=1800)
+                          timeout=1800, cwd=workdir)
 
 
 def profile(name: str, repo: Path = REPO) -> dict:
