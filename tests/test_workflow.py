@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from semalign.suite.sources import data_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 def snakemake(workdir: Path, config: dict | None, *args: str, env: dict | None = None,
@@ -286,6 +288,8 @@ def smoke(tmp_path_factory) -> SimpleNamespace:
     work = tmp / "work"
     work.mkdir()
     env = {"PYTHONPATH": str(repo)}  # the copy's packages, not the installed ones
+    if (data := data_dir()) is not None:  # the checkout's ../shared/data: the copy has none beside it
+        env["SEMALIGN_DATA_DIR"] = str(data)
     res = snakemake(work, cfg, "--cores", "2", env=env, repo=repo)
     return SimpleNamespace(repo=repo, touched=touched, cfg=cfg, work=work, env=env, res=res)
 
