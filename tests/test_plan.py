@@ -138,8 +138,10 @@ def test_paper_plan_names_the_jobs_that_do_not_fit_and_why():
     per_row = 768 * 5120 * (41 * 4 + 2)  # max_len x width x (40 layers + embeddings in fp32, final state in fp16)
     assert job.disk_gb == pytest.approx((1000 * per_row + 32000 * 5120 * 4) / 1e9)
     assert job.fits and job.device_gb < 40 and "stored states" in job.note
-    attribution = plan.plan_job(cfg, "attribution", {"pair": "llama2-13b-chat_to_7b-chat", "task": "gsm8k",
-                                                     "method": "grad_x_act"})
+    wc = {"pair": "llama2-13b-chat_to_7b-chat", "task": "gsm8k", "method": "grad_x_act"}
+    assert plan.plan_job(cfg, "attribution", wc).fits  # paper.yaml's cache.batch_size: 2
+    cfg["cache"]["batch_size"] = 8  # a graph through 40 layers for 8 rows of 768 tokens: ~92 GB
+    attribution = plan.plan_job(cfg, "attribution", wc)
     assert not attribution.fits and "needs" in attribution.note and "40 layers" in attribution.note
     kd = plan.plan_job(cfg, "transfer", {"pair": "llama2-13b-chat_to_7b-chat", "task": "gsm8k", "method": "kd",
                                          "seed": "0"}, method_cfg=method_class("kd").config(cfg["method_params"]["kd"]))
@@ -160,3 +162,16 @@ def test_training_state_counts_adapters_but_not_the_models_own_weights():
 
     assert plan.train_state_bytes(SimpleNamespace(trainable="full"), 10, 2) == 60
     assert plan.train_state_bytes(SimpleNamespace(trainable="lora"), 10, 4) == 160
+
+
+def test_a_method_without_a_cost_model_gets_a_stated_bound():
+    """A new baseline (README "Add a baseline") plans without editing plan.py: full fine-tuning of the student with
+    the teacher resident bounds it, and the note says so."""
+    from baselines.kd import KDConfig
+
+    cfg = profile("paper")
+    wc = {"pair": "llama2-13b-chat_to_7b-chat", "task": "gsm8k", "seed": "0"}
+    kd = plan.plan_job(cfg, "transfer", {**wc, "method": "kd"}, method_cfg=KDConfig(trainable="full"))
+    new = plan.plan_job(cfg, "transfer", {**wc, "method": "prior_sft"}, method_cfg=KDConfig())
+    assert "no cost model for 'prior_sft'" in new.note
+    assert new.device_gb == pytest.approx(kd.device_gb + 13_015_864_320 * 2 / 1e9, rel=0.01)

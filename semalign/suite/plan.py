@@ -385,7 +385,18 @@ def transfer_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st:
             steps * cfg.samples_per_step * 4 * forward_flop(st, T)
         note = f"{steps} steps; logit-lens scoring of every neuron of {L} layers per model per step"
         return _finish(s, "transfer", job, device, 0, st.weight_bytes, flop, read + t.weight_bytes, note)
-    raise ValueError(f"plan: no cost model for method {method!r}")
+    # A method without a cost model here (a new baseline): bounded by training the whole student with the teacher
+    # resident and run on every training token, so a cluster profile still gets a request it fits in.
+    from baselines.kd import KDConfig
+
+    bound = KDConfig(trainable="full", epochs=getattr(cfg, "epochs", 1),
+                     micro_batch_size=getattr(cfg, "micro_batch_size", KDConfig.micro_batch_size))
+    n_tr, b = trainable(st, bound)
+    device = (st.weight_bytes + t.weight_bytes + head_t + train_state_bytes(bound, n_tr, b)
+              + _train_step(st, bound, T, L, True))
+    flop = bound.epochs * n * T * 6 * (st.params - st.embed_params * (not st.tied)) + forward_flop(t, bound.epochs * n * T)
+    note = f"no cost model for {method!r}: bounded by full fine-tuning of the student with the teacher resident"
+    return _finish(s, "transfer", job, device, 0, st.weight_bytes, flop, read + t.weight_bytes, note)
 
 
 def evaluate_job(s: Setting, job: str, m: ModelShape, n_test: int, task: str) -> JobPlan:
