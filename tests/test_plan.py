@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from semalign.frontier import run_layers
 from semalign.suite import plan
-from semalign.suite.registry import method_class
+from semalign.suite.registry import method_class, task_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,7 @@ def test_paper_plan_names_the_jobs_that_do_not_fit_and_why():
     attribution = plan.plan_job(cfg, "attribution", wc)
     assert not attribution.fits and "needs" in attribution.note and "40 layers" in attribution.note
     kd = plan.plan_job(cfg, "transfer", {"pair": "llama2-13b-chat_to_7b-chat", "task": "gsm8k", "method": "kd",
-                                         "seed": "0"}, method_cfg=method_class("kd").config(cfg["method_params"]["kd"]))
+                                         "seed": "0"}, method_cfg=method_class("kd").config(task_params(cfg["method_params"]["kd"], "gsm8k")))
     assert kd.fits and kd.device_gb > 6_738_415_616 * 2 / 1e9
 
 
