@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from semalign.suite.sources import data_dir
@@ -220,7 +221,7 @@ def test_pair_with_different_local_tokenizers_rejected_at_dag_start(tmp_path):
     assert "config: pairs.tiny (tiny-teacher -> tiny-student): vocabulary mismatch" in res.stderr + res.stdout
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_gpu_stops_before_any_job(tmp_path):
     """`device: cuda` on a CPU machine: a dry run still plans (the paper profile is dry-run on CPU), a real run stops
     before its first job with one line naming the key (it failed inside the first training job)."""
@@ -302,7 +303,7 @@ def test_smoke_dag_end_to_end(smoke):
     assert cfg["methods"][-1] == "prior_sft"
     assert res.returncode == 0, res.stderr[-5000:]
     prior = work / "results" / "smoke" / "prior" / "tiny" / "gsm8k.pt"
-    assert abs(float(__import__("torch").load(prior).sum()) - 1.0) < 1e-5  # the artifact was made and read
+    assert abs(float(torch.load(prior).sum()) - 1.0) < 1e-5  # the artifact was made and read
 
     tables = work / "results" / "smoke" / "tables"
     main = pd.read_csv(tables / "main.csv")
@@ -377,6 +378,17 @@ def test_smoke_dag_end_to_end(smoke):
     report = snakemake(work, cfg, "--report", "results/smoke/report.html", env=env, repo=repo)
     assert report.returncode == 0, report.stderr[-3000:]
     assert (work / "results" / "smoke" / "report.html").stat().st_size > 10_000
+    # a truncated teacher cache (issue 14): the next run names it and moves it aside, the run after rebuilds it
+    cache = work / "results" / "smoke" / "cache" / "tiny" / "gsm8k" / "teacher.pt"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    target = ("--", "results/smoke/transfer/tiny/gsm8k/kd/seed0/transfer.json")
+    broken = snakemake(work, cfg, "--cores", "2", *target, env=env, repo=repo)
+    log = (work / "logs" / "smoke" / "transfer" / "tiny" / "gsm8k" / "kd" / "seed0.log").read_text() + broken.stderr
+    assert broken.returncode != 0 and f"corrupt teacher cache {cache.relative_to(work)}" in log, log[-3000:]
+    assert not cache.exists() and any(cache.parent.glob("teacher.pt.corrupt-*"))
+    healed = snakemake(work, cfg, "--cores", "2", *target, env=env, repo=repo)
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    assert torch.load(cache, weights_only=True)["meta"]["n_examples"] == 8
 
 
 
