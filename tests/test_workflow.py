@@ -317,9 +317,11 @@ def test_smoke_dag_end_to_end(smoke):
         assert (nll > 0).all() and nll.map(float.__abs__).lt(1e4).all(), col
     # every trained method must move the student's answer NLL: the table reflects real training, not a copy
     # (LaTen's delta is ~0 by design at init and under its 1000 x MSE pull: checked on the weights below)
-    student_nll = main.loc[main.method.str.startswith("student"), "MMLU NLL"].item()
+    # (on some task: two steps from LoRA's zero init at a warmed-up lr move a 1-token MMLU answer's NLL < 5e-4)
+    nll_cols = ["MMLU NLL", "GSM8K NLL", "HumanEval NLL", "MBPP NLL"]
+    student_nll = main.loc[main.method.str.startswith("student"), nll_cols].astype(float).to_numpy()
     for method in ["lora_sft", "kd", "layerwise_kd", "seeking", "semalign"]:
-        assert main.loc[main.method == method, "MMLU NLL"].item() != student_nll, method
+        assert (main.loc[main.method == method, nll_cols].astype(float).to_numpy() != student_nll).any(), method
     assert "small-scale profile 'smoke'" in (tables / "main.md").read_text()
     models = pd.read_csv(tables / "models.csv")
     assert set(models["layers"]) == {4, 2} and (models["vocab"] == 49152).all()
