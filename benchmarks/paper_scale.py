@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from baselines import laten, seeking
 from semalign.bases import aligned_map
 from semalign.frontier import SemAlignConfig, train_frontier
-from semalign.suite.cache import FINAL_DTYPE, LAYER_DTYPE, TeacherCache, layer_outputs
+from semalign.suite.cache import TeacherCache, teacher_states
 from semalign.suite.lora import prepare_trainable
 from semalign.suite.models import lm_head
 from semalign.suite.objectives import answer_logits, output_kl, sft_loss
@@ -86,22 +86,6 @@ def batch(n: int, T: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
     loss_mask[:, T // 2 :] = 1
     return {"input_ids": torch.randint(3, vocab, (n, T), generator=g),
             "attention_mask": torch.ones(n, T, dtype=torch.long), "loss_mask": loss_mask}
-
-
-@torch.no_grad()
-def teacher_cache(teacher: torch.nn.Module, data: dict[str, torch.Tensor], layers: list[int]) -> TeacherCache:
-    """The cache the cache_teacher rule writes, in memory: the same hooks (semalign.suite.cache.layer_outputs),
-    one forward, states stored in the cache's dtype."""
-    dev = next(teacher.parameters()).device
-    store, final, handles = layer_outputs(teacher, layers)
-    try:
-        teacher.model(input_ids=data["input_ids"].to(dev), attention_mask=data["attention_mask"].to(dev))
-    finally:
-        for h in handles:
-            h.remove()
-    return TeacherCache(**data, final_hidden=final[0].to("cpu", FINAL_DTYPE),
-                        head_weight=lm_head(teacher).weight.detach().to("cpu", torch.float32),
-                        layers={k: v[0].to("cpu", LAYER_DTYPE) for k, v in store.items()})
 
 
 class Bench:
@@ -181,7 +165,7 @@ def run_all(layers: int, tiny: bool, n: int, T: int, device: str, dtype: torch.d
     teacher = bench.run("build", "teacher", 0, lambda: build("teacher", layers, tiny, dtype, device, seed=1),
                         count=False)
     teacher.requires_grad_(False)
-    cache = bench.run("cache", "teacher fwd", tokens, lambda: teacher_cache(teacher, data, list(range(layers + 1))))
+    cache = bench.run("cache", "teacher fwd", tokens, lambda: TeacherCache(**teacher_states(teacher, data, list(range(layers + 1)), len(data["input_ids"]))))
     work = Path(tempfile.mkdtemp(prefix="paper_scale_"))
 
     def fresh() -> Path:  # training resumes from a checkpoint it finds: every (counted) run gets its own dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -114,6 +115,31 @@ class TeacherCache:
 
 
 @torch.no_grad()
+def teacher_states(model: torch.nn.Module, data: dict[str, torch.Tensor], layers: list[int],
+                   batch_size: int) -> dict[str, Any]:
+    """One teacher forward per row of ``data``: the cache's tensors (tokens, final state, head, ``layers``' states).
+    Each batch's states leave the device as the batch finishes, so the device holds one batch, not the cache."""
+    layers = sorted(set(layers))
+    store, final, handles = layer_outputs(model, layers)
+    dev = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(data["input_ids"]), batch_size), desc="teacher forward", unit="batch"):
+            sl = slice(i, i + batch_size)
+            model.model(input_ids=data["input_ids"][sl].to(dev), attention_mask=data["attention_mask"][sl].to(dev))
+            for v in store.values():
+                v[-1] = v[-1].to("cpu", LAYER_DTYPE)
+            final[-1] = final[-1].to("cpu", FINAL_DTYPE)
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        **data,
+        "final_hidden": torch.cat(final),
+        "head_weight": lm_head(model).weight.detach().to("cpu", torch.float32).clone(),  # fp32: logits stay faithful
+        "layers": {k: torch.cat(v) for k, v in store.items()},
+    }
+
+
 def build_teacher_cache(
     teacher_dir: Path,
     records: list[dict],
@@ -127,32 +153,13 @@ def build_teacher_cache(
     """One teacher forward per example; writes the cache atomically and returns its metadata."""
     model, tokenizer = load_model(teacher_dir, device=device)
     data = tokenize_records(tokenizer, records, max_len, train_on_inputs=train_on_inputs)
-    layers = sorted(set(layers))
-    store, final, handles = layer_outputs(model, layers)
-    dev = next(model.parameters()).device
-    try:
-        for i in tqdm(range(0, len(records), batch_size), desc="teacher forward", unit="batch"):
-            sl = slice(i, i + batch_size)
-            model.model(input_ids=data["input_ids"][sl].to(dev), attention_mask=data["attention_mask"][sl].to(dev))
-            for v in store.values():  # off the device batch by batch: it holds one batch's states, not the cache
-                v[-1] = v[-1].to("cpu", LAYER_DTYPE)
-            final[-1] = final[-1].to("cpu", FINAL_DTYPE)
-    finally:
-        for h in handles:
-            h.remove()
+    blob = teacher_states(model, data, layers, batch_size)
     meta = {
         "teacher": str(teacher_dir),
         "n_examples": len(records),
         "forward_passes": len(records),
         "max_len": max_len,
-        "layers": layers,
+        "layers": sorted(set(layers)),
     }
-    blob = {
-        **data,
-        "final_hidden": torch.cat(final),
-        "head_weight": lm_head(model).weight.detach().to("cpu", torch.float32).clone(),  # fp32: logits stay faithful
-        "layers": {k: torch.cat(v) for k, v in store.items()},
-        "meta": meta,
-    }
-    atomic_torch_save(blob, out_path)
+    atomic_torch_save({**blob, "meta": meta}, out_path)
     return meta
