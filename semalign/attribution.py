@@ -26,6 +26,7 @@ layer k raises the gold tokens' log-probability. Forward-only.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from semalign.suite.chat import tokenize_records
 from semalign.suite.figures import write_layer_profile
 from semalign.suite.models import decoder_layers, final_norm, lm_head
 from semalign.suite.objectives import shift_mask
+from semalign.suite.train import length_chunks
 
 # Every attribution name, spelled here only; other modules import these.
 CONTRIBUTION, STATE, LOGIT_LENS, RANDOM = "grad_x_act", "grad_x_act_state", "logit_lens", "random"
@@ -59,6 +61,14 @@ def _as_batch(tokenizer_or_batch: Any, records: list[dict] | None, max_len: int)
     return tokenize_records(tokenizer_or_batch, records, max_len)
 
 
+def _chunks(batch: dict[str, torch.Tensor], size: int, desc: str) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(input_ids, attention_mask, loss_mask) chunks in order of length, each cut to its longest row: the scores
+    are sums over real tokens, so the order is free and the padding is not computed."""
+    chunks = list(length_chunks(batch["attention_mask"], size))
+    for rows, T in tqdm(chunks, desc=desc, leave=False):
+        yield tuple(batch[k][rows, :T] for k in ("input_ids", "attention_mask", "loss_mask"))
+
+
 def _grad_x_act(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size: int, contribution: bool
 ) -> list[float]:
@@ -73,8 +83,7 @@ def _grad_x_act(
     layers = list(decoder_layers(model))
     total = torch.zeros(len(layers), dtype=torch.float64)
     n_tokens = 0
-    for i in tqdm(range(0, batch["input_ids"].shape[0], batch_size), desc="grad x act", leave=False):
-        ids, attn, lm = (batch[k][i : i + batch_size] for k in ("input_ids", "attention_mask", "loss_mask"))
+    for ids, attn, lm in _chunks(batch, batch_size, "grad x act"):
         inputs: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
 
@@ -114,8 +123,7 @@ def _logit_lens(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_si
     norm, head = final_norm(model), lm_head(model)
     gain = torch.zeros(L, dtype=torch.float64)
     n_scored = 0
-    for i in tqdm(range(0, batch["input_ids"].shape[0], batch_size), desc="logit lens", leave=False):
-        ids, attn, lm = (batch[k][i : i + batch_size] for k in ("input_ids", "attention_mask", "loss_mask"))
+    for ids, attn, lm in _chunks(batch, batch_size, "logit lens"):
         store, _final, handles = layer_outputs(model, list(range(L + 1)))
         try:
             model.model(input_ids=ids, attention_mask=attn)

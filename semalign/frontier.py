@@ -51,7 +51,16 @@ from semalign.suite.io import atomic_torch_save, write_csv
 from semalign.suite.lora import apply_lora, full_precision
 from semalign.suite.models import backbone, decoder_layers, embed_tokens, final_norm, lm_head
 from semalign.suite.objectives import shift_mask
-from semalign.suite.train import DivergenceGuard, batches, check_finite, checkpoint_dir, load_checkpoint, set_seed, trim
+from semalign.suite.train import (
+    DivergenceGuard,
+    batches,
+    check_finite,
+    checkpoint_dir,
+    length_chunks,
+    load_checkpoint,
+    set_seed,
+    trim,
+)
 
 CURVE_FIELDS = ["stage", "step", "layer_loss", "kl", "total"]
 BUDGETS = ("kd_steps", "epochs_per_stage")
@@ -191,9 +200,7 @@ def prefix_forward(
     model.eval()
     dev = next(model.parameters()).device
     out = h.clone()
-    lengths = attention_mask.sum(1)
-    for rows in torch.argsort(lengths, stable=True).split(chunk):
-        T = int(lengths[rows].max())
+    for rows, T in length_chunks(attention_mask, chunk):
         out[rows, :T] = run_layers(model, h[rows, :T].to(dev), start, end, attention_mask[rows, :T].to(dev)).to(h.device)
     model.train(was_training)
     return out

@@ -152,3 +152,24 @@ def test_tiny_hf_model_end_to_end(task, tiny_model_dir, test_files):
     assert res["task"] == task and res["n"] == 2 and res["model"] == str(tiny_model_dir)
     assert 0.0 <= res["score"] <= 1.0 and math.isfinite(res["nll"]) and res["nll"] > 0
     assert len(res["items"]) == 2 and sum(i["nll"] for i in res["items"]) / 2 == pytest.approx(res["nll"])
+
+
+@needs_data
+def test_generation_batches_wider_than_scoring(tiny_model_dir, test_files, monkeypatch):
+    """gen_batch_size reaches generation and batch_size the log-likelihood requests (and is restored after), with
+    the same greedy outputs and scores as one batch size for both (regression: one batch size for both)."""
+    from semalign.suite.evaluation import hf_model
+
+    model = hf_model(tiny_model_dir, batch_size=2, gen_batch_size=4, device="cpu")
+    seen = {"gen": [], "ll": []}
+    generate, forward = model._model_generate, model._model_call
+    monkeypatch.setattr(model, "_model_generate", lambda context, **kw: seen["gen"].append(len(context)) or
+                        generate(context, **kw))
+    monkeypatch.setattr(model, "_model_call", lambda inps, **kw: seen["ll"].append(len(inps)) or forward(inps, **kw))
+    wide = evaluate_model(tiny_model_dir, "gsm8k", test_files["gsm8k"], allow_code_execution=False, max_gen_toks=3,
+                          limit=4, model=model)
+    assert seen["gen"] == [4] and max(seen["ll"]) == 2 and model.batch_size_per_gpu == 2
+    narrow = evaluate_model(tiny_model_dir, "gsm8k", test_files["gsm8k"], allow_code_execution=False, batch_size=2,
+                            max_gen_toks=3, device="cpu", limit=4)
+    assert [i["score"] for i in wide["items"]] == [i["score"] for i in narrow["items"]]
+    assert wide["nll"] == pytest.approx(narrow["nll"], rel=1e-5)

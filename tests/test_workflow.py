@@ -125,23 +125,34 @@ def test_every_figure_is_declared_as_png_and_pdf(tmp_path, name):
 
 
 def test_mini_plans_cka_analysis_and_pairing(tmp_path):
-    """CKA (paper Figs. 4-5) is in the plan: the untouched student's CKA feeds the `cka` pairing ablation, the
-    configured method's trained student (first seed) the figure's "after" panels, on HumanEval only."""
+    """CKA (paper Figs. 4-5) is in the plan: the configured method's trained student (first seed) and the untouched
+    one give the figure's panels, on HumanEval only; with the fuller grid (config/overlays/mini-grid.yaml) the
+    untouched student's CKA on GSM8K also feeds the `cka` pairing ablation."""
+    from snakemake.utils import update_config
+
+    pair = "smollm2-135m_to_mini"
     res = snakemake(tmp_path, profile("mini"), "-n", "--forceall")
     out = res.stdout + res.stderr
     assert res.returncode == 0, res.stderr[-3000:]
-    pair = "smollm2-135m_to_mini"
-    assert f"Transfer semalign@pairing=cka: {pair} / gsm8k / seed 0" in out
-    assert "Evaluating semalign@pairing=cka on gsm8k" in out
     # the paper's epochs per stage: a labelled row beside the main one (KD's optimizer steps), README "Fairness protocol"
     assert f"Transfer semalign@budget=epochs_per_stage: {pair} / gsm8k / seed 0" in out
     assert "results/mini/tables/ablation_semalign__budget.md" in out
-    assert f"CKA of the none student with the teacher and itself: {pair} / gsm8k" in out  # the pairing's input
-    assert f"results/mini/cka/{pair}/gsm8k/none.csv" in out and f"results/mini/pairing/{pair}/gsm8k/cka.json" in out
     assert f"CKA of the semalign student with the teacher and itself: {pair} / humaneval" in out
     assert f"CKA figure: {pair} / humaneval" in out and f"results/mini/figures/cka_{pair}_humaneval.png" in out
-    # gsm8k's for the pairing ablation, humaneval's before and after: nothing on the other tasks
+    assert out.count("CKA of the ") == 2 and out.count("CKA figure: ") == 1  # humaneval's before and after only
+
+    grid = profile("mini")
+    update_config(grid, yaml.safe_load((REPO / "config" / "overlays" / "mini-grid.yaml").read_text()))
+    res = snakemake(tmp_path, grid, "-n", "--forceall")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"Transfer semalign@pairing=cka: {pair} / gsm8k / seed 0" in out
+    assert "Evaluating semalign@pairing=cka on gsm8k" in out
+    assert f"CKA of the none student with the teacher and itself: {pair} / gsm8k" in out  # the pairing's input
+    assert f"results/mini-grid/cka/{pair}/gsm8k/none.csv" in out
+    assert f"results/mini-grid/pairing/{pair}/gsm8k/cka.json" in out
     assert out.count("CKA of the ") == 3 and out.count("CKA figure: ") == 1
+    assert out.count("Transfer semalign@") == 17  # every ablation value of the grid
 
 
 def test_slurm_profile_names_only_real_rules(tmp_path):

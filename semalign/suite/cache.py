@@ -19,6 +19,7 @@ from tqdm import tqdm
 from semalign.suite.chat import tokenize_records
 from semalign.suite.io import CorruptFileError, atomic_torch_save, first_line, move_aside
 from semalign.suite.models import decoder_layers, final_norm, lm_head, load_model
+from semalign.suite.train import length_chunks
 
 LAYER_DTYPE = torch.float32  # pre-norm states are differenced: fp16 loses a layer's contribution (module doc)
 FINAL_DTYPE = torch.float16  # the post-norm final state has O(1) entries: cosine to fp32 >= 0.9999999 in fp16
@@ -118,25 +119,32 @@ class TeacherCache:
 def teacher_states(model: torch.nn.Module, data: dict[str, torch.Tensor], layers: list[int],
                    batch_size: int) -> dict[str, Any]:
     """One teacher forward per row of ``data``: the cache's tensors (tokens, final state, head, ``layers``' states).
-    Each batch's states leave the device as the batch finishes, so the device holds one batch, not the cache."""
+    Each batch's states leave the device as the batch finishes, so the device holds one batch, not the cache.
+    Rows run in order of length, each batch cut to its longest row (:func:`length_chunks`); the states of padding
+    positions are stored as 0 (every reader masks them)."""
     layers = sorted(set(layers))
     store, final, handles = layer_outputs(model, layers)
     dev = next(model.parameters()).device
+    N, T_max = data["input_ids"].shape
+    d = model.config.hidden_size
+    states = {k: torch.zeros(N, T_max, d, dtype=LAYER_DTYPE) for k in layers}  # padding positions stay 0
+    final_hidden = torch.zeros(N, T_max, d, dtype=FINAL_DTYPE)
     try:
-        for i in tqdm(range(0, len(data["input_ids"]), batch_size), desc="teacher forward", unit="batch"):
-            sl = slice(i, i + batch_size)
-            model.model(input_ids=data["input_ids"][sl].to(dev), attention_mask=data["attention_mask"][sl].to(dev))
-            for v in store.values():
-                v[-1] = v[-1].to("cpu", LAYER_DTYPE)
-            final[-1] = final[-1].to("cpu", FINAL_DTYPE)
+        for rows, T in tqdm(list(length_chunks(data["attention_mask"], batch_size)), desc="teacher forward",
+                            unit="batch"):
+            model.model(input_ids=data["input_ids"][rows, :T].to(dev),
+                        attention_mask=data["attention_mask"][rows, :T].to(dev))
+            for k, v in store.items():
+                states[k][rows, :T] = v.pop().to("cpu", LAYER_DTYPE)
+            final_hidden[rows, :T] = final.pop().to("cpu", FINAL_DTYPE)
     finally:
         for h in handles:
             h.remove()
     return {
         **data,
-        "final_hidden": torch.cat(final),
+        "final_hidden": final_hidden,
         "head_weight": lm_head(model).weight.detach().to("cpu", torch.float32).clone(),  # fp32: logits stay faithful
-        "layers": {k: torch.cat(v) for k, v in store.items()},
+        "layers": states,
     }
 
 

@@ -34,6 +34,17 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def length_chunks(attention_mask: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """(rows, T): row indices in chunks of ``size`` in order of real length, each with its longest row's length.
+
+    For no-grad or order-free passes (teacher forwards, attribution sums, frozen prefixes) over right-padded rows:
+    real tokens never attend to the padding, so cutting a chunk to ``[:, :T]`` gives the same states for them, and
+    sorting by length first keeps the cut tight (on mini the mean row is about half of ``max_len``: half the cost)."""
+    lengths = attention_mask.sum(1)
+    for rows in torch.argsort(lengths, stable=True).split(size):
+        yield rows, int(lengths[rows].max())
+
+
 def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the padding columns no row of this batch uses (right padding), saving compute on short batches."""
     T = int(batch["attention_mask"].sum(1).max())

@@ -13,6 +13,7 @@ result = evaluate_model(
     Path(snakemake.input.splits).parent / "test.jsonl",
     allow_code_execution=ev["allow_code_execution"],
     batch_size=ev["batch_size"],
+    gen_batch_size=ev["gen_batch_size"],
     max_gen_toks=ev["max_gen_toks"],
     chat_template=ev["chat_template"],
     device=resolve_device(snakemake.params.device),
