@@ -23,7 +23,8 @@ BASE_KEYS = ("teacher", "student", "splits")
 
 
 def child(spec_file: Path) -> None:
-    """Run one method, as the transfer rule would, and write its cost record."""
+    """Run one method, as the transfer rule would, and write its cost record with its time per component."""
+    from semalign.suite import timing
     from semalign.suite.pipeline import run_transfer
     from semalign.suite.registry import TransferContext
 
@@ -42,6 +43,7 @@ def child(spec_file: Path) -> None:
         train_on_inputs=spec["train_on_inputs"],
         artifacts={k: v for k, v in inputs.items() if k not in BASE_KEYS},
     )
+    timing.enable()
     run_transfer(spec["method"], ctx, ctx.out_dir / "transfer.json")
 
 
@@ -86,9 +88,30 @@ def run_all(smk) -> None:
     cache_seconds = float(Path(smk.input.cache_benchmark).read_text().splitlines()[1].split("\t")[0])
     title = (f"Transfer cost, {p.pair} / {p.task}, {facts['n_train']} training examples, device {device}; the "
              f"shared teacher cache took {cache_seconds:.0f} s ({facts['cache_forwards']} teacher forwards)")
+    breakdown = time_breakdown(records)
     write_table(table, out_json.with_suffix(""), title)
+    write_table(breakdown, out_json.with_name("transfer_cost_breakdown"),
+                f"Where the transfer time goes (seconds per component, {p.pair} / {p.task}; semalign.suite.timing)")
     atomic_write_text(out_json, json.dumps({"title": title, "cache_seconds": cache_seconds,
-                                            "rows": table.to_dict("records"), "records": records}, indent=2))
+                                            "rows": table.to_dict("records"),
+                                            "breakdown": breakdown.to_dict("records"), "records": records}, indent=2))
+
+
+def time_breakdown(records: list[dict]):
+    """Components x methods, seconds (exclusive, :mod:`semalign.suite.timing`), with each method's optimizer steps
+    and its wall time, so that per-step costs can be compared at equal steps."""
+    import pandas as pd
+
+    from semalign.suite.timing import SECTIONS
+
+    names = [*SECTIONS, "other (load, save, setup)"]
+    cols = {r["method"]: r.get("time_breakdown", {}) for r in records}
+    rows = [{"component": n, **{m: round(b.get(n, 0.0), 2) for m, b in cols.items()}} for n in names
+            if any(b.get(n) for b in cols.values())]
+    rows.append({"component": "wall", **{r["method"]: round(r["wall_seconds"], 2) for r in records}})
+    rows.append({"component": "optimizer steps",
+                 **{r["method"]: r.get("budget", {}).get("optimizer_steps", "") for r in records}})
+    return pd.DataFrame(rows)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from semalign.attribution import METHODS as ATTRIBUTION_METHODS
 from semalign.bases import align
 from semalign.losses import LOSSES, Objective, get_loss
 from semalign.pairing import STRATEGIES, depth_ratio_layer, validate_pairing
+from semalign.suite import timing
 from semalign.suite.cache import TeacherCache
 from semalign.suite.io import atomic_torch_save, write_csv
 from semalign.suite.lora import apply_lora, full_precision
@@ -315,13 +316,16 @@ def train_frontier(
         if k in done:
             continue
         set_seed(seed * 1000 + k)  # LoRA init, projector init, dropout: independent of resumption
-        h_prev = prefix_forward(model, h_prev, cur + 1, k - 1, data["attention_mask"], cfg.prefix_chunk)
+        with timing.section("prefix refresh"):
+            h_prev = prefix_forward(model, h_prev, cur + 1, k - 1, data["attention_mask"], cfg.prefix_chunk)
         cur = k - 1
         peft_model = None
-        if cfg.trainable == "lora":
-            peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, layers=[k])
-        else:
-            layers[k - 1].requires_grad_(True)
+        with timing.section("stage setup"):
+            if cfg.trainable == "lora":
+                peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                                        layers=[k])
+            else:
+                layers[k - 1].requires_grad_(True)
         params = [p for p in layers[k - 1].parameters() if p.requires_grad]
         projector = None
         if cfg.recompose == "projector" and cfg.objective.uses_layer_target:
@@ -338,29 +342,36 @@ def train_frontier(
         stage_rows: list[dict] = []
         bar = tqdm(schedule[i], desc=f"semalign stage {k}/{L_S} ({len(schedule[i])} steps)", leave=False)
         for step, idx in enumerate(bar):
-            opt.zero_grad(set_to_none=True)
+            with timing.section("optimizer"):
+                opt.zero_grad(set_to_none=True)
             logged = {"layer_loss": 0.0, "kl": 0.0, "total": 0.0}
             for micro in idx.split(cfg.micro_batch_size):
                 b = {key: v.to(dev) for key, v in trim({key: t[micro] for key, t in data.items()}).items()}
                 T = b["input_ids"].shape[1]
                 x = h_prev[micro, :T].to(dev)
-                h = run_layers(model, x, k, k, b["attention_mask"])
-                terms = stage.loss(micro, b, x, h)
-                total = cfg.lambda_layer * terms.layer + cfg.lambda_kl * terms.output
+                with timing.section("layer forward"):
+                    h = run_layers(model, x, k, k, b["attention_mask"])
+                with timing.section("loss"):  # the targets, suffix and logits inside are timed on their own
+                    terms = stage.loss(micro, b, x, h)
+                    total = cfg.lambda_layer * terms.layer + cfg.lambda_kl * terms.output
                 check_finite(total, f"semalign stage {k} step {step}")
-                (total * len(micro) / len(idx)).backward()
+                with timing.section("backward"):
+                    (total * len(micro) / len(idx)).backward()
                 for key, v in zip(("layer_loss", "kl", "total"), (terms.layer, terms.output, total)):
                     logged[key] += v.item() * len(micro) / len(idx)
-            opt.step()
+            with timing.section("optimizer"):
+                opt.step()
             guard.observe(logged["total"], f"semalign stage {k} step {step}")
             stage_rows.append({"stage": k, "step": step, **logged})
             bar.set_postfix(loss=f"{logged['total']:.4f}")
-        if peft_model is not None:
-            model = peft_model.merge_and_unload()
-        model.requires_grad_(False)
+        with timing.section("stage setup"):
+            if peft_model is not None:
+                model = peft_model.merge_and_unload()
+            model.requires_grad_(False)
         curve += stage_rows
         layer_state = {key: v.detach().clone() for key, v in layers[k - 1].state_dict().items()}
-        atomic_torch_save({"stage": k, "layer": layer_state, "curve": stage_rows}, ckpt / f"stage_{k}.pt")
+        with timing.section("checkpoint"):
+            atomic_torch_save({"stage": k, "layer": layer_state, "curve": stage_rows}, ckpt / f"stage_{k}.pt")
         write_csv(out_dir / "loss_curve.csv", curve, CURVE_FIELDS)
         if cfg.stop_after_stage == k and k != stages[-1]:
             raise StageLimitReached(f"stopped after stage {k} (stop_after_stage); re-run to resume from it")
@@ -388,8 +399,9 @@ class _Stage:
     def target(self, idx: torch.Tensor, T: int) -> torch.Tensor:
         """Aligned teacher quantity [b, T, d_S]: M x (linear, see module doc) or the learned projector."""
         dev = self.head_t.device
-        x = teacher_target(self.cache, self.span, idx, T, dev)
-        return self.projector(x) if self.projector is not None else align(x, self.m, normalize=False)
+        with timing.section("aligned targets"):
+            x = teacher_target(self.cache, self.span, idx, T, dev)
+            return self.projector(x) if self.projector is not None else align(x, self.m, normalize=False)
 
     def loss(self, micro: torch.Tensor, b: dict[str, torch.Tensor], x: torch.Tensor, h: torch.Tensor):
         """The variant's two terms for one micro-batch (x = h_{k-1}, h = h_k). The output term reads logits out
@@ -399,8 +411,9 @@ class _Stage:
         student_logits = teacher_logits = labels = None
         out_mask = shift_mask(b["loss_mask"]).bool()
         if self.with_output:
-            h_final = run_layers(model, h, self.k + 1, self.L_S, b["attention_mask"])
-            student_logits = _read_out(model, h_final[out_mask]).unsqueeze(0)
+            with timing.section("suffix + head"):
+                h_final = run_layers(model, h, self.k + 1, self.L_S, b["attention_mask"])
+                student_logits = _read_out(model, h_final[out_mask]).unsqueeze(0)
             teacher_logits = self.cache.answer_logits(micro, out_mask, self.head_t).unsqueeze(0)
             labels = torch.nn.functional.pad(b["input_ids"][:, 1:], (0, 1))[out_mask].unsqueeze(0)
         objective = cfg.objective

@@ -360,6 +360,15 @@ def test_smoke_dag_end_to_end(smoke):
     assert rows["kd"]["wall / kd"] == 1.0 and rows["kd"]["teacher fwd / example"] == 1.0
     assert rows["lora_sft"]["teacher fwd / example"] == 0.0 and rows["seeking"]["teacher fwd / example"] > 0
     assert rows["kd"]["student layer bwd / example"] == 2.0  # 2 layers x 1 epoch
+    # where the time went, per component (semalign.suite.timing): each method's own parts, adding up to its wall
+    parts = {r["component"]: r for r in cost["breakdown"]}
+    assert parts["teacher logits"]["kd"] > 0 and parts["student forward"]["kd"] > 0 and parts["backward"]["kd"] > 0
+    assert parts["prefix refresh"]["semalign"] > 0 and parts["aligned targets"]["semalign"] > 0
+    assert parts["layer forward"]["semalign"] > 0 and parts["prefix refresh"]["kd"] == 0
+    for method in ("kd", "semalign", "lora_sft"):
+        assert sum(parts[c][method] for c in parts if c not in ("wall", "optimizer steps")) == pytest.approx(
+            parts["wall"][method], abs=0.05), method
+    assert (work / "results" / "smoke" / "bench" / "transfer_cost_breakdown.md").exists()
     # regression: a re-run of the benchmark resumed every method from the first run's checkpoints
     bench = snakemake(work, cfg, "--cores", "2", "--forcerun", "transfer_cost", "--",
                       "results/smoke/bench/transfer_cost.md", env=env, repo=repo)
@@ -403,6 +412,29 @@ def test_smoke_dag_end_to_end(smoke):
     assert healed.returncode == 0, healed.stderr[-3000:]
     assert torch.load(cache, weights_only=True)["meta"]["n_examples"] == 8
 
+
+
+COMMITTED = REPO / "results" / "mini"  # the default profile's reference results (README "Reference results")
+
+
+def test_committed_mini_results_match_what_the_workflow_writes(smoke):
+    """The reference results committed under results/mini have the columns the aggregate rule writes today, the
+    README shows the committed main table and figure, and the manifest names the commit and versions that made
+    them: changing a table's columns (or the main table) without regenerating and committing the mini run fails."""
+    assert smoke.res.returncode == 0, "the smoke run failed (see test_smoke_dag_end_to_end)"
+    written, committed = smoke.work / "results" / "smoke" / "tables", COMMITTED / "tables"
+    shared = sorted(p.name for p in committed.glob("*.csv") if (written / p.name).exists())
+    assert {"main.csv", "cost.csv", "hparams.csv", "summary.csv", "models.csv", "contamination.csv",
+            "ablation_semalign__loss.csv", "ablation_semalign__pairing.csv"} <= set(shared)
+    for name in shared:
+        want = [c for c in pd.read_csv(written / name).columns if c != "prior_sft"]  # the smoke run's worked example
+        assert list(pd.read_csv(committed / name).columns) == want, name
+    readme = (REPO / "README.md").read_text()
+    assert (committed / "main.md").read_text().strip() in readme
+    assert "(results/mini/figures/main.png)" in readme and (COMMITTED / "figures" / "main.png").stat().st_size > 10_000
+    manifest = json.loads((COMMITTED / "manifest.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", manifest["git"]["commit"]) and manifest["pip_freeze"]
+    assert {"torch", "transformers", "lm_eval", "peft"} <= {k.replace("-", "_") for k in manifest["versions"]}
 
 
 def test_dtype_overrides_every_model_spec(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from semalign.suite import timing
 from semalign.suite.chat import tokenize_records
 from semalign.suite.io import CorruptFileError, atomic_torch_save, first_line, move_aside
 from semalign.suite.models import decoder_layers, final_norm, lm_head, load_model
@@ -80,8 +81,9 @@ class TeacherCache:
     def answer_logits(self, idx: torch.Tensor, mask: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """Teacher logits [n, V] (float32) of rows ``idx`` at the positions of ``mask`` [b, T] only; ``head`` is
         ``head_weight`` already on the training device (moved once per run, not per step)."""
-        h = self.final_hidden[idx][:, : mask.shape[1]][mask.cpu()]
-        return h.to(head.device, torch.float32) @ head.T
+        with timing.section("teacher logits"):
+            h = self.final_hidden[idx][:, : mask.shape[1]][mask.cpu()]
+            return h.to(head.device, torch.float32) @ head.T
 
     def state(self, terms: list, idx: torch.Tensor, T: int, device: torch.device | str) -> torch.Tensor:
         """Σ w h_l over ``terms`` [[l, w], ...] (0 = embeddings) for rows ``idx`` and their first T positions, as

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from semalign.suite import timing
+
 
 def shift_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     """Mask over *predicting positions*: position t predicts token t+1, which is scored iff loss_mask[t+1]."""
@@ -35,9 +37,10 @@ def answer_logits(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[t
     from semalign.suite.models import backbone, lm_head
 
     mask = shift_mask(b["loss_mask"]).bool()
-    hidden = backbone(model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-    labels = F.pad(b["input_ids"][:, 1:], (0, 1))[mask]
-    return lm_head(model)(hidden[mask]), labels, mask
+    with timing.section("student forward"):
+        hidden = backbone(model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        labels = F.pad(b["input_ids"][:, 1:], (0, 1))[mask]
+        return lm_head(model)(hidden[mask]), labels, mask
 
 
 def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

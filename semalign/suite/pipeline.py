@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from semalign.suite import timing
 from semalign.suite.io import atomic_write_text
 from semalign.suite.registry import TransferContext, get_method
 from semalign.suite.train import record_resumes
@@ -105,6 +106,8 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str |
         "uses_teacher_cache": impl.uses_teacher_cache(impl.config(ctx.params)),
         **(json.loads(stats_file.read_text()) if stats_file.exists() else {"trainable_params": 0}),
     }
+    if sections := timing.totals():  # the cost benchmark's children: where the wall time went (suite.timing)
+        record["time_breakdown"] = {**sections, "other (load, save, setup)": wall - sum(sections.values())}
     atomic_write_text(out_json, json.dumps(record, indent=2))
     return record
 

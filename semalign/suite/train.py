@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from semalign.suite import timing
 from semalign.suite.io import atomic_torch_save, atomic_write_text, first_line, move_aside, write_csv
 
 
@@ -273,21 +274,26 @@ def fit(
         set_seed(seed * 1000 + epoch)  # dropout masks independent of whether we resumed
         bar = tqdm(batches(n, batch_size, seed, epoch), desc=f"{tag} epoch {epoch + 1}/{cfg.epochs}")
         for step, idx in enumerate(bar):
-            opt.zero_grad(set_to_none=True)
+            with timing.section("optimizer"):
+                opt.zero_grad(set_to_none=True)
             total = 0.0
             for rows in idx.split(cfg.micro_batch_size):
                 batch = {k: v.to(dev) for k, v in trim({k: t[rows] for k, t in data.items()}).items()}
-                loss = loss_fn(rows, batch)
+                with timing.section("loss"):  # a method's loss_fn names its forward parts inside
+                    loss = loss_fn(rows, batch)
                 check_finite(loss, f"{tag} epoch {epoch + 1} step {step}")
-                (loss * len(rows) / len(idx)).backward()
+                with timing.section("backward"):
+                    (loss * len(rows) / len(idx)).backward()
                 total += loss.item() * len(rows) / len(idx)
-            opt.step()
-            sched.step()
+            with timing.section("optimizer"):
+                opt.step()
+                sched.step()
             guard.observe(total, f"{tag} epoch {epoch + 1} step {step}")
             curve.append({"epoch": epoch + 1, "step": step, "loss": total})
             bar.set_postfix(loss=f"{total:.4f}")
         weights = {k: v for k, v in module.state_dict().items() if k in trainable}
-        atomic_torch_save({"epoch": epoch + 1, "model": weights, "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "curve": curve}, ckpt)
+        with timing.section("checkpoint"):
+            atomic_torch_save({"epoch": epoch + 1, "model": weights, "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "curve": curve}, ckpt)
     write_csv(Path(out_dir) / "loss_curve.csv", curve, ["epoch", "step", "loss"])
     return curve

@@ -11,6 +11,7 @@ rule transfer_cost:
     output:
         json=f"{R}/bench/transfer_cost.json",
         md=report(f"{R}/bench/transfer_cost.md", caption="../report/transfer_cost.rst", category="Cost"),
+        breakdown=f"{R}/bench/transfer_cost_breakdown.md",
     params:
         pair=bench_target()[0],
         task=bench_target()[1],

@@ -36,7 +36,7 @@ rule bootstrap_student:
         f"{LOGS}/bootstrap_student/{{model}}.log",
     benchmark:
         f"{BENCH}/bootstrap_student/{{model}}.tsv"
-    threads: THREADS
+    threads: max(THREADS, 2)  # every student-side job waits for it: it takes two cores where there are two
     conda:
         "../envs/semalign.yaml"
     message:
