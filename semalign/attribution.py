@@ -34,7 +34,6 @@ import torch
 from tqdm import tqdm
 
 from semalign.suite.chat import tokenize_records
-from semalign.suite.figures import write_layer_profile
 from semalign.suite.models import decoder_layers, final_norm, lm_head
 from semalign.suite.objectives import shift_mask
 from semalign.suite.train import length_chunks
@@ -176,6 +175,8 @@ def layer_scores(
 def write_layer_scores(scores: dict[str, list[float]], csv_path: Path, png_path: Path, title: str = "") -> None:
     """Table (method, layer, score) and a profile plot; each method min-max normalised in the plot only, since
     the methods' units differ."""
+    from semalign.suite.figures import write_layer_profile  # matplotlib: not in every job that scores layers
+
     curves = {m: {k + 1: v for k, v in enumerate(vals)} for m, vals in scores.items()}
     write_layer_profile(curves, csv_path, png_path, columns=("method", "layer", "score"),
                         ylabel="score (min-max normalised)", title=title or "layer attribution", normalise=True)

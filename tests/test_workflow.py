@@ -365,9 +365,8 @@ def test_smoke_dag_end_to_end(smoke):
     assert parts["teacher logits"]["kd"] > 0 and parts["student forward"]["kd"] > 0 and parts["backward"]["kd"] > 0
     assert parts["prefix refresh"]["semalign"] > 0 and parts["aligned targets"]["semalign"] > 0
     assert parts["layer forward"]["semalign"] > 0 and parts["prefix refresh"]["kd"] == 0
-    for method in ("kd", "semalign", "lora_sft"):
-        assert sum(parts[c][method] for c in parts if c not in ("wall", "optimizer steps")) == pytest.approx(
-            parts["wall"][method], abs=0.05), method
+    for method in ("kd", "semalign", "lora_sft"):  # nested sections charged once: together within the wall time
+        assert 0 <= parts["other (load, save, setup)"][method] < parts["wall"][method], method
     assert (work / "results" / "smoke" / "bench" / "transfer_cost_breakdown.md").exists()
     # regression: a re-run of the benchmark resumed every method from the first run's checkpoints
     bench = snakemake(work, cfg, "--cores", "2", "--forcerun", "transfer_cost", "--",
