@@ -413,7 +413,7 @@ def test_smoke_dag_end_to_end(smoke):
 
 
 
-COMMITTED = REPO / "results" / "mini"  # the default profile's reference results (README "Reference results")
+COMMITTED = REPO / "results" / "mini"  # the default profile's reference results, once a full mini run commits them
 
 
 def test_committed_mini_results_match_what_the_workflow_writes(smoke):
