@@ -85,6 +85,9 @@ def test_run_manifest_records_the_environment(tmp_path):
         torch.set_num_threads(threads)
     assert m["git"] == {"commit": head, "dirty": False} and m["command"] == "snakemake --cores 3"
     assert m["torch_threads"]["intra_op"] == 3 and m["machine"]["cpu_count"] == os.cpu_count()
+    assert m["machine"]["cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256"}
+    if Path("/proc/cpuinfo").exists():  # Linux: the model name as /proc/cpuinfo gives it
+        assert m["machine"]["cpu"] and m["machine"]["cpu"] in Path("/proc/cpuinfo").read_text()
     assert m["versions"]["torch"] == metadata.version("torch")
     assert any(line.lower().startswith(("lm_eval==", "lm-eval==")) for line in m["pip_freeze"])
     (repo / "a.txt").write_text("2")

@@ -148,6 +148,16 @@ def test_paper_plan_names_the_jobs_that_do_not_fit_and_why():
     assert kd.fits and kd.device_gb > 6_738_415_616 * 2 / 1e9
 
 
+def test_an_evaluate_job_over_seeds_costs_its_models_one_after_another():
+    """Rule `evaluate` scores a method's seeds in one job: its runtime (hence its SLURM request) is the sum over its
+    models, its memory that of one model (they are loaded one at a time)."""
+    cfg = profile("paper")
+    wc = {"pair": "llama2-13b-chat_to_7b-chat", "task": "gsm8k", "method": "kd"}
+    one, three = plan.plan_job(cfg, "evaluate", wc), plan.plan_job(cfg, "evaluate", wc, n_models=3)
+    assert three.runtime_min == pytest.approx(3 * one.runtime_min) and three.tflop == pytest.approx(3 * one.tflop)
+    assert three.device_gb == one.device_gb and three.host_gb == one.host_gb and "3 models" in three.note
+
+
 def test_slurm_request_scales_the_plan():
     job = plan.JobPlan("transfer", "p/t/kd/0", device_gb=30.0, host_gb=10.2, disk_gb=0, tflop=1, runtime_min=20,
                        fits=True)

@@ -72,6 +72,16 @@ def git_state(repo: Path) -> dict:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo): with the SIMD level torch dispatches to, it explains why the same
+    commit gives slightly different floats on another machine (a different kernel sums in a different order)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def run_manifest(repo: Path, command: str) -> dict:
     """Everything needed to rerun, or explain a difference from, a set of results."""
     import torch
@@ -90,6 +100,7 @@ def run_manifest(repo: Path, command: str) -> dict:
         "versions": versions,
         "torch_threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+                    "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "pip_freeze": pip_freeze(),

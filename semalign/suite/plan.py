@@ -399,17 +399,19 @@ def transfer_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st:
     return _finish(s, "transfer", job, device, 0, st.weight_bytes, flop, read + t.weight_bytes, note)
 
 
-def evaluate_job(s: Setting, job: str, m: ModelShape, n_test: int, task: str) -> JobPlan:
+def evaluate_job(s: Setting, job: str, m: ModelShape, n_test: int, task: str, n_models: int = 1) -> JobPlan:
     """lm-eval with the model on the device: a batch of prompts plus generations in the KV cache (MMLU scores
     log-likelihoods, no generation) and the batch's logits. Generation is one step after another: each costs at
-    least ``plan.decode_step_ms`` (HF generate's per-token overhead), whatever the FLOPs."""
+    least ``plan.decode_step_ms`` (HF generate's per-token overhead), whatever the FLOPs. A job scoring
+    ``n_models`` models (a method's seeds) holds one at a time and takes ``n_models`` times as long."""
     gen = 0 if task == "mmlu" else s.max_gen_toks
     tokens = s.eval_batch * (s.max_len + gen)
     p = m.dtype_bytes
     device = m.weight_bytes + tokens * m.layers * 2 * m.kv_dim * p + s.eval_batch * s.max_len * m.vocab * (p + 4)
-    steps = math.ceil(n_test / s.eval_batch) * gen
-    return _finish(s, "evaluate", job, device, 0, 0, forward_flop(m, n_test * (s.max_len + gen)), m.weight_bytes,
-                   f"{steps} generation steps" if gen else "log-likelihoods", latency_s=steps * s.decode_step_ms / 1e3)
+    steps = math.ceil(n_test / s.eval_batch) * gen * n_models
+    return _finish(s, "evaluate", job, device, 0, 0, forward_flop(m, n_test * (s.max_len + gen)) * n_models,
+                   m.weight_bytes * n_models, (f"{steps} generation steps" if gen else "log-likelihoods")
+                   + (f", {n_models} models" if n_models > 1 else ""), latency_s=steps * s.decode_step_ms / 1e3)
 
 
 def slurm_resources(plan: JobPlan, config: dict) -> dict[str, int]:
@@ -428,10 +430,11 @@ def split_sizes(config: dict, task: str) -> dict[str, int]:
 
 
 def plan_job(config: dict, rule: str, wc: dict[str, str], root: Path | None = None, method_cfg: Any = None,
-             cache_layers: bool = True, n_records: int = 0) -> JobPlan:
+             cache_layers: bool = True, n_records: int = 0, n_models: int = 1) -> JobPlan:
     """The plan of one job of ``rule`` with wildcards ``wc``. ``root``: results/<profile>, where prepared
     models' config.json (exact, once they exist) are read; ``method_cfg``: a transfer's resolved method config;
-    ``cache_layers``: whether the pair/task's teacher cache stores paired layers (a reader pairs layers)."""
+    ``cache_layers``: whether the pair/task's teacher cache stores paired layers (a reader pairs layers);
+    ``n_models``: how many models an evaluate job scores."""
     s = Setting.of(config)
 
     def shape(name: str) -> ModelShape:
@@ -457,7 +460,7 @@ def plan_job(config: dict, rule: str, wc: dict[str, str], root: Path | None = No
         cache = cache_teacher_job(s, job, t, sizes["train"], cache_layers).disk_gb * GB
         return transfer_job(s, job, wc["method"].split("@")[0], method_cfg, t, st, sizes, cache)
     if rule == "evaluate":
-        return evaluate_job(s, job, t if wc["method"] == "teacher" else st, sizes["test"], wc["task"])
+        return evaluate_job(s, job, t if wc["method"] == "teacher" else st, sizes["test"], wc["task"], n_models)
     raise ValueError(f"plan: no cost model for rule {rule!r}")
 
 

@@ -324,6 +324,18 @@ def evaluated_model(wc) -> str:
     return transfer_record(wc.pair, wc.task, wc.method, wc.seed)
 
 
+def eval_seeds(wc) -> list[int]:
+    """The seeds one evaluate job scores: every seed of a main-table method (one job, rule `evaluate`), else the
+    one seed in its file name (reference rows and ablation variants, rule `evaluate_one`)."""
+    return [int(wc.seed)] if hasattr(wc, "seed") else SEEDS
+
+
+def evaluated_models(wc) -> list[str]:
+    """What one evaluate job reads, in the order of `eval_seeds`."""
+    return [evaluated_model(SimpleNamespace(pair=wc.pair, task=wc.task, method=wc.method, seed=s))
+            for s in eval_seeds(wc)]
+
+
 def cka_student(wc) -> str:
     """The student `cka` compares: the untouched one (``none``), or what `evaluate` reads for the first seed."""
     return evaluated_model(SimpleNamespace(pair=wc.pair, task=wc.task, method=wc.method, seed=SEEDS[0]))

@@ -17,6 +17,8 @@ def job_plan(rule: str, wc):
         extra["cache_layers"] = bool(cache_layer_specs(wc))
     if rule == "semantic_bases":
         extra["n_records"] = config["analysis"]["examples_per_task"] * len(TASKS)
+    if rule == "evaluate":
+        extra["n_models"] = len(eval_seeds(wc))
     return plan_job(config, rule, vars(wc), Path(R), **extra)
 
 
@@ -44,7 +46,10 @@ def planned_jobs() -> list[tuple[str, dict]]:
                 seeds = seeds_for(m) if m in METHODS else ABLATION_SEEDS
                 if not method_cls(m).reference:
                     jobs += [("transfer", {"pair": p, "task": t, "method": m, "seed": str(s)}) for s in seeds]
-                jobs += [("evaluate", {"pair": p, "task": t, "method": m, "seed": str(s)}) for s in seeds]
+                if m in trained_methods():  # rule evaluate: every seed in one job
+                    jobs.append(("evaluate", {"pair": p, "task": t, "method": m}))
+                else:
+                    jobs += [("evaluate", {"pair": p, "task": t, "method": m, "seed": str(s)}) for s in seeds]
     return jobs
 
 
