@@ -140,6 +140,10 @@ def test_mini_plans_cka_analysis_and_pairing(tmp_path):
     assert f"CKA of the semalign student with the teacher and itself: {pair} / humaneval" in out
     assert f"CKA figure: {pair} / humaneval" in out and f"results/mini/figures/cka_{pair}_humaneval.png" in out
     assert out.count("CKA of the ") == 2 and out.count("CKA figure: ") == 1  # humaneval's before and after only
+    # one evaluation job per trained method and task scores its 3 seeds; reference rows and variants one seed each
+    assert out.count(f"Evaluating kd on gsm8k ({pair}, seeds 0 1 2)") == 1 and "Evaluating kd on gsm8k" not in \
+        out.replace(f"Evaluating kd on gsm8k ({pair}, seeds 0 1 2)", "")
+    assert out.count("Evaluating ") == 4 * 6 + 4 * 2 + 8  # 6 trained methods, teacher and none, 8 GSM8K variants
 
     grid = profile("mini")
     update_config(grid, yaml.safe_load((REPO / "config" / "overlays" / "mini-grid.yaml").read_text()))
