@@ -5,11 +5,12 @@ import importlib.util
 import math
 
 import pytest
+import yaml
 from lm_eval.api.model import LM
 from lm_eval.utils import apply_template
 
 from semalign.suite import io, sources, splits
-from semalign.suite.evaluation import CODE_TASKS, evaluate_model, task_configs
+from semalign.suite.evaluation import CODE_TASKS, DEFAULT_MAX_GEN_TOKS, TASKS_DIR, evaluate_model, gen_cap, task_configs
 from semalign.suite.tasks import utils
 
 needs_data = pytest.mark.skipif(sources.data_dir() is None, reason="no local data dir (../shared/data)")
@@ -98,6 +99,17 @@ def test_prompts_match_transfer_data_format(test_files):
         assert main["doc_to_text"] == nll["doc_to_text"] and main.get("gen_prefix") == nll.get("gen_prefix")
         if main.get("generation_kwargs"):
             assert main["generation_kwargs"]["max_gen_toks"] == 7
+
+
+def test_generation_caps_per_task():
+    """One integer caps every task; a mapping caps each task it names, and a task it leaves out keeps the YAMLs' own
+    cap (a bug reading the mapping's first value, or defaulting to it, fails here)."""
+    assert gen_cap(100, "humaneval") == gen_cap(100, "gsm8k") == 100
+    caps = {"humaneval": 192, "mbpp": 160}
+    assert (gen_cap(caps, "humaneval"), gen_cap(caps, "mbpp"), gen_cap(caps, "gsm8k")) == (192, 160, 512)
+    for task in ("gsm8k", "humaneval", "mbpp"):  # the fallback is what the YAMLs themselves say
+        assert yaml.safe_load((TASKS_DIR / f"semalign_{task}.yaml").read_text().replace("!function", ""))[
+            "generation_kwargs"]["max_gen_toks"] == DEFAULT_MAX_GEN_TOKS
 
 
 @pytest.mark.parametrize("task", CODE_TASKS)

@@ -158,6 +158,21 @@ def test_an_evaluate_job_over_seeds_costs_its_models_one_after_another():
     assert three.device_gb == one.device_gb and three.host_gb == one.host_gb and "3 models" in three.note
 
 
+def test_an_evaluate_job_generates_up_to_its_task_cap():
+    """evaluation.max_gen_toks per task: a generation job is costed at its own task's cap, a task the mapping leaves
+    out at the YAMLs' 512 (planted: one cap for every task, or MMLU charged generation steps)."""
+    def steps(caps, task: str) -> str:
+        cfg = profile("paper")
+        cfg["evaluation"]["max_gen_toks"] = caps
+        return plan.plan_job(cfg, "evaluate", {"pair": "llama2-13b-chat_to_7b-chat", "task": task, "method": "kd"}).note
+
+    n = lambda caps, task: int(steps(caps, task).split(" generation steps")[0])  # noqa: E731
+    caps = {"humaneval": 100, "mbpp": 300}
+    assert n(caps, "mbpp") == 3 * n(100, "mbpp") and n(caps, "humaneval") == n(100, "humaneval")
+    assert n(caps, "gsm8k") == n(512, "gsm8k") != n(100, "gsm8k")
+    assert "generation" not in steps(caps, "mmlu")
+
+
 def test_slurm_request_scales_the_plan():
     job = plan.JobPlan("transfer", "p/t/kd/0", device_gb=30.0, host_gb=10.2, disk_gb=0, tflop=1, runtime_min=20,
                        fits=True)

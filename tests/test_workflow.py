@@ -176,6 +176,7 @@ def test_slurm_profile_names_only_real_rules(tmp_path):
     [
         (lambda c: c.update(not_a_key=1), "not_a_key"),
         (lambda c: c["evaluation"].update(batch_size="eight"), "batch_size"),
+        (lambda c: c["evaluation"].update(max_gen_toks={"humaneval": 64, "hellaswag": 64}), "hellaswag"),
         (lambda c: c["data"]["sizes"]["mmlu"].update(trian=3), "trian"),
         (lambda c: c.update(methods=["teacher", "nonexistent"]), "nonexistent"),
         (lambda c: c["pairs"]["tiny"].update(student="ghost"), "ghost"),

@@ -37,6 +37,8 @@ that name the key. `<name>` stands for any key of a mapping.
 
 
 def _type(node: dict) -> str:
+    if "oneOf" in node:
+        return " or ".join(_type(alt) for alt in node["oneOf"])
     t = node.get("type", "object" if "properties" in node else "any")
     text = " or ".join(t) if isinstance(t, list) else t
     if "enum" in node:

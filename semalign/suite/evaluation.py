@@ -14,6 +14,16 @@ from typing import Any
 TASKS_DIR = Path(__file__).parent / "tasks"
 CODE_TASKS = ("humaneval", "mbpp")
 METRICS = {"mmlu": "acc", "gsm8k": "acc", "humaneval": "pass@1", "mbpp": "pass@1"}
+DEFAULT_MAX_GEN_TOKS = 512  # the task YAMLs' own cap
+
+
+def gen_cap(max_gen_toks: int | dict[str, int], task: str) -> int:
+    """The generation cap of ``task`` from ``evaluation.max_gen_toks``: one integer for every task, or a mapping
+    per task (a task it leaves out keeps the YAMLs' 512). Per task because the gold answers differ in length: a cap
+    sized to the longest gold answer of one task spends most of its steps after another task's answers end."""
+    if isinstance(max_gen_toks, dict):
+        return int(max_gen_toks.get(task, DEFAULT_MAX_GEN_TOKS))
+    return int(max_gen_toks)
 
 
 def task_configs(task: str, test_file: Path, *, max_gen_toks: int, chat: bool) -> list[dict[str, Any]]:

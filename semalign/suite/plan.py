@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from semalign.suite.cache import FINAL_DTYPE, LAYER_DTYPE
+from semalign.suite.evaluation import gen_cap
 
 GB = 1e9
 CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -210,7 +211,7 @@ class Setting:
     max_len: int
     cache_batch: int
     eval_batch: int
-    max_gen_toks: int
+    max_gen_toks: int | dict[str, int]  # evaluation.max_gen_toks: one cap, or one per task
     decode_step_ms: float
 
     @classmethod
@@ -404,7 +405,7 @@ def evaluate_job(s: Setting, job: str, m: ModelShape, n_test: int, task: str, n_
     log-likelihoods, no generation) and the batch's logits. Generation is one step after another: each costs at
     least ``plan.decode_step_ms`` (HF generate's per-token overhead), whatever the FLOPs. A job scoring
     ``n_models`` models (a method's seeds) holds one at a time and takes ``n_models`` times as long."""
-    gen = 0 if task == "mmlu" else s.max_gen_toks
+    gen = 0 if task == "mmlu" else gen_cap(s.max_gen_toks, task)
     tokens = s.eval_batch * (s.max_len + gen)
     p = m.dtype_bytes
     device = m.weight_bytes + tokens * m.layers * 2 * m.kv_dim * p + s.eval_batch * s.max_len * m.vocab * (p + 4)

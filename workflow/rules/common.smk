@@ -15,7 +15,7 @@ from semalign.attribution import METHODS as ATTRIBUTION_METHODS
 from semalign.method import AlignedMap, Pairing
 from semalign.pairing import STRATEGIES
 from semalign.suite.ids import PairingName, SplitId, Variant
-from semalign.suite.evaluation import CODE_TASKS
+from semalign.suite.evaluation import CODE_TASKS, gen_cap
 from semalign.suite.models import check_pair_vocab, check_spec
 from semalign.suite.sources import SPLITS, data_dir, source_files
 from semalign.suite.fairness import violations

@@ -13,7 +13,7 @@ rule evaluate:
         [eval_record("{pair}", "{task}", "{method}", s) for s in SEEDS],
     params:
         seeds=eval_seeds,
-        evaluation=config["evaluation"],
+        evaluation=lambda wc: {**config["evaluation"], "max_gen_toks": gen_cap(config["evaluation"]["max_gen_toks"], wc.task)},
         device=config["device"],
     log:
         f"{LOGS}/evaluate/{{pair}}/{{task}}/{{method}}/seeds.log",

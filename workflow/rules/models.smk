@@ -36,7 +36,8 @@ rule bootstrap_student:
         f"{LOGS}/bootstrap_student/{{model}}.log",
     benchmark:
         f"{BENCH}/bootstrap_student/{{model}}.tsv"
-    threads: max(THREADS, 2)  # every student-side job waits for it: it takes two cores where there are two
+    threads: THREADS  # on two cores one thread beats two: the teacher-side jobs (evaluations, attribution, bases) fill the other
+    priority: 10  # every student-side job waits for it: started before the teacher-side jobs
     conda:
         "../envs/semalign.yaml"
     message:
