@@ -74,7 +74,9 @@ def test_run_manifest_records_the_environment(tmp_path):
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     (repo / "a.txt").write_text("1")
-    subprocess.run(git + ["add", "a.txt"], check=True)
+    (repo / "results" / "mini").mkdir(parents=True)
+    (repo / "results" / "mini" / "main.csv").write_text("x")  # committed reference results
+    subprocess.run(git + ["add", "a.txt", "results"], check=True)
     subprocess.run(git + ["commit", "-qm", "c"], check=True)
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     threads = torch.get_num_threads()
@@ -90,6 +92,8 @@ def test_run_manifest_records_the_environment(tmp_path):
         assert m["machine"]["cpu"] and m["machine"]["cpu"] in Path("/proc/cpuinfo").read_text()
     assert m["versions"]["torch"] == metadata.version("torch")
     assert any(line.lower().startswith(("lm_eval==", "lm-eval==")) for line in m["pip_freeze"])
+    (repo / "results" / "mini" / "main.csv").write_text("y")  # the run rewrote them: the code is still HEAD's
+    assert manifest.git_state(repo) == {"commit": head, "dirty": False}
     (repo / "a.txt").write_text("2")
     assert manifest.git_state(repo) == {"commit": head, "dirty": True}
     assert manifest.git_state(tmp_path) == {"commit": None, "dirty": None}

@@ -62,13 +62,14 @@ def constraints(freeze: list[str], closure: set[str]) -> list[str]:
 
 
 def git_state(repo: Path) -> dict:
-    """HEAD commit and whether tracked files differ from it; Nones outside a git checkout."""
+    """HEAD commit and whether tracked files other than the committed reference results differ from it (a run
+    rewrites those: they say nothing about the code that made it); Nones outside a git checkout."""
     def git(*args: str) -> str | None:
         res = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
         return res.stdout.strip() if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

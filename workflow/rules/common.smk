@@ -8,53 +8,16 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-import yaml
-from snakemake.utils import validate
-
 from semalign.attribution import METHODS as ATTRIBUTION_METHODS
 from semalign.method import AlignedMap, Pairing
 from semalign.pairing import STRATEGIES
+from semalign.suite import config as configuration
 from semalign.suite.ids import PairingName, SplitId, Variant
-from semalign.suite.evaluation import CODE_TASKS, gen_cap
-from semalign.suite.models import check_pair_vocab, check_spec
+from semalign.suite.evaluation import gen_cap
 from semalign.suite.sources import SPLITS, data_dir, source_files
-from semalign.suite.fairness import violations
-from semalign.suite.registry import Artifact, TeacherCache, available_methods, method_class, task_params
+from semalign.suite.registry import Artifact, TeacherCache, method_class
 
-_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-_SCHEMA = yaml.safe_load(Path(workflow.basedir, "workflow", "schemas", "config.schema.yaml").read_text())
-
-
-def _numbers(node, schema: dict, loose: bool = True):
-    """Strings that are numbers, coerced before validation: YAML 1.1 (PyYAML, so Snakemake) reads `lr: 1e-3` as a
-    string, and `--config seeds=[0]` gives strings inside lists. A string becomes a number where the schema asks for
-    one, and in scientific notation anywhere (method parameters are not all in the schema) but in model specs,
-    whose revisions may look alike."""
-    if "$ref" in schema:
-        schema = _SCHEMA["definitions"][schema["$ref"].rsplit("/", 1)[-1]]
-    if isinstance(node, dict):
-        extra = schema.get("additionalProperties")
-        return {k: _numbers(v, schema.get("properties", {}).get(k, extra if isinstance(extra, dict) else {}),
-                            loose and k != "models") for k, v in node.items()}
-    if isinstance(node, list):
-        return [_numbers(v, schema.get("items", {}), loose) for v in node]
-    if not isinstance(node, str):
-        return node
-    types = schema.get("type", [])
-    types = [types] if isinstance(types, str) else types
-    text = node.strip()
-    if "integer" in types and re.fullmatch(r"[-+]?\d+", text):
-        return int(text)
-    if "number" in types or (loose and _SCIENTIFIC.fullmatch(text)):
-        try:
-            return float(text)
-        except ValueError:
-            return node
-    return node
-
-
-config.update(_numbers(config, _SCHEMA))
-validate(config, schema="../schemas/config.schema.yaml")
+configuration.load(config)  # coerced, validated (defaults filled in) and cross-checked before any job is built
 
 # Rule scripts import the semalign package: make the checkout importable also inside per-rule conda envs.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
@@ -104,17 +67,11 @@ def method_cls(name: str | Variant):
 
 
 def method_params(name: str | Variant, task: str | None = None) -> dict:
-    """A method's parameters on ``task``: variant key over `method_params.<method>.tasks.<task>` over
-    `method_params.<method>` (over the config dataclass's defaults); ``task=None``: the method-level ones."""
-    variant = Variant.parse(name) if isinstance(name, str) else name
-    params = task_params(config["method_params"].get(variant.method, {}), task)
-    if variant.is_variant:
-        params[variant.key] = variant.value
-    return params
+    return configuration.method_params(config, name, task)
 
 
 def method_config(name: str | Variant, task: str | None = None):
-    return method_cls(name).config(method_params(name, task))
+    return configuration.method_config(config, name, task)
 
 
 def needs(name: str | Variant, task: str | None = None) -> list[Artifact]:
@@ -123,79 +80,7 @@ def needs(name: str | Variant, task: str | None = None) -> list[Artifact]:
     return [] if cls.reference else cls.needs(method_config(name, task))
 
 
-def ablation_variants() -> list[Variant]:
-    """Every ablation value that differs from its method's configured one (that one is the reference row, already
-    run as the method itself); each is validated by the method's config now, not hours into the run."""
-    variants = []
-    for method, axes in config["ablations"]["methods"].items():
-        base = asdict(method_config(method)) if method_cls(method).config_cls else {}
-        for key, values in axes.items():
-            if key not in base:
-                raise ValueError(f"config: ablations.methods.{method}.{key} is not a parameter of {method}")
-            for value in values:
-                if value != base[key]:
-                    variant = Variant(method, key, value)
-                    method_config(variant)
-                    variants.append(variant)
-    return variants
-
-
-def check_config() -> None:
-    """Cross-key checks the schema cannot express; fail at DAG start with one line naming the key."""
-    known = available_methods()
-    for m in METHODS + list(config["method_params"]):
-        if m not in known:
-            raise ValueError(f"config: unknown method {m!r} (methods/method_params); available: {', '.join(known)}")
-        for task in [None, *TASKS]:
-            method_config(m, task)  # hyperparameters checked now, not hours into the run
-    for task in TASKS:
-        configs = {m: method_config(m, task) for m in METHODS if method_cls(m).config_cls}
-        for line in violations(configs):
-            raise ValueError(f"config: fairness protocol on {task}: {line} (method_params; README 'Fairness protocol')")
-    for m, axes in config["ablations"]["methods"].items():
-        if m not in METHODS:
-            raise ValueError(f"config: ablations.methods.{m}: {m!r} is not in methods")
-        per_task = config["method_params"].get(m, {}).get("tasks", {})
-        for task in set(per_task) & set(ABLATION_TASKS):
-            if clash := sorted(set(axes) & set(per_task[task])):
-                raise ValueError(f"config: ablations.methods.{m} varies {clash}, which method_params.{m}.tasks.{task} "
-                                 "also sets: the reference row would not be the configured value on that task")
-    if extra := sorted(set(ABLATION_SEEDS) - set(SEEDS)):
-        raise ValueError(f"config: ablations.seeds {extra} not in seeds {SEEDS}: the reference row runs at `seeds`")
-    for name, spec in config["models"].items():  # paths exist, hub ids well formed, pkg: installed; no download
-        try:
-            check_spec({k: v for k, v in spec.items() if k != "bootstrap"})
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"config: models.{name}: {e}") from None
-    for pair, p in config["pairs"].items():
-        for role in ("teacher", "student"):
-            if p[role] not in config["models"]:
-                raise ValueError(f"config: pairs.{pair}.{role} = {p[role]!r} is not a key of models")
-        try:
-            check_pair_vocab(config["models"][p["teacher"]], config["models"][p["student"]])
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"config: pairs.{pair} ({p['teacher']} -> {p['student']}): {e}") from None
-    if (code := [t for t in TASKS if t in CODE_TASKS]) and not config["evaluation"]["allow_code_execution"]:
-        raise ValueError(f"config: evaluation.allow_code_execution is false but tasks include {', '.join(code)}, "
-                         "which execute model-written code: set it to true to consent, or drop those tasks")
-    for task in TASKS:
-        if task not in config["data"]["sizes"]:
-            raise ValueError(f"config: data.sizes.{task} missing (tasks lists {task})")
-    table2 = config["report"]["finetuned_teachers"]
-    for pair in table2:
-        if pair not in config["pairs"]:
-            raise ValueError(f"config: report.finetuned_teachers names {pair!r}, not a key of pairs "
-                             f"({', '.join(config['pairs'])})")
-    if len({config["pairs"][pair]["student"] for pair in table2}) > 1:
-        raise ValueError("config: report.finetuned_teachers: the pairs must share one student (it is shown once)")
-    cka_method = config["analysis"]["cka_method"]
-    if cka_method not in known or method_cls(cka_method).reference:
-        raise ValueError(f"config: analysis.cka_method = {cka_method!r} is not a trained method; choose one of "
-                         f"{', '.join(m for m in known if not method_cls(m).reference)}")
-
-
-check_config()
-VARIANTS = ablation_variants()
+VARIANTS = configuration.ablation_variants(config)
 
 
 HOST_RULES = {"plan", "splits", "contamination", "pairing", "aggregate", "figures", "loss_curves", "cka_figure",
