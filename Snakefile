@@ -1,6 +1,6 @@
 # semalign-bench: cross-scale parametric knowledge transfer, from data to tables. A table of contents:
-# configuration and input functions live in workflow/rules/common.smk, the science in the semalign and baselines
-# packages. Profiles overlay config/base.yaml; without --configfile the default profile is mini.
+# input functions live in workflow/rules/common.smk (the config checks in semalign/suite/config.py), the science in
+# the semalign and baselines packages. Profiles overlay config/base.yaml; without --configfile the default profile is mini.
 from pathlib import Path
 
 from snakemake.utils import min_version

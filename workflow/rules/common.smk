@@ -1,5 +1,5 @@
-# Config validation and every input function. Rules only name what they need; methods say what they read
-# (Method.needs), so nothing here looks inside a method's config.
+# Config (loaded and checked by semalign.suite.config) and every input function. Rules only name what they need;
+# methods say what they read (Method.needs), so nothing here looks inside a method's config.
 import os
 import re
 import shlex
