@@ -45,9 +45,9 @@ def tiny_pair_bf16(tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]:
     return _tiny_pair(tmp_path_factory.mktemp("models_bf16"), tokenizer_dir, "bfloat16")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def chat_records() -> list[dict]:
-    """A few protocol-format transfer records (chat messages), short enough for tiny models."""
+    """A few protocol-format transfer records (chat messages), short enough for tiny models (read-only)."""
     qa = [("What is 2 + 3?", "So the answer is 5."), ("What is 7 - 4?", "So the answer is 3."),
           ("Name a prime.", "7 is prime."), ("Capital of France?", "Paris."),
           ("def add(a, b):", "    return a + b"), ("Is 4 even?", "Yes, 4 is even.")]

@@ -58,14 +58,19 @@ def answer_nll(model_dir: Path, records: list[dict]) -> float:
         return sft_loss(model, tokenize_records(tok, records, 48)).item()
 
 
-@pytest.fixture
-def bf16_inputs(tiny_pair_bf16, chat_records, tmp_path):
-    return transfer_inputs(tiny_pair_bf16, chat_records, tmp_path / "inputs")
+@pytest.fixture(scope="module")
+def bf16_inputs(tiny_pair_bf16, chat_records, tmp_path_factory):
+    return transfer_inputs(tiny_pair_bf16, chat_records, tmp_path_factory.mktemp("bf16_inputs"))
+
+
+@pytest.fixture(scope="module")
+def fp32_inputs(tiny_pair, chat_records, tmp_path_factory):
+    return transfer_inputs(tiny_pair, chat_records, tmp_path_factory.mktemp("fp32_inputs"))
 
 
 @pytest.mark.parametrize("method", sorted(PARAMS))
-def test_every_method_transfers_in_bf16_as_in_fp32(method, tiny_pair_bf16, tiny_pair, bf16_inputs, chat_records,
-                                                   tmp_path):
+def test_every_method_transfers_in_bf16_as_in_fp32(method, tiny_pair_bf16, tiny_pair, bf16_inputs, fp32_inputs,
+                                                   chat_records, tmp_path):
     """Regression for the paper's path, which no test ran: a method that trips on bf16 (dtype mismatch in a
     hook, NaN from a bf16 reduction) or silently saves an fp32 model fails here; and the bf16 run ends where the
     same run of the fp32 twin (the same weights before rounding) ends: its answer NLL moves from the student's as
@@ -81,7 +86,7 @@ def test_every_method_transfers_in_bf16_as_in_fp32(method, tiny_pair_bf16, tiny_
     assert load_manifest(out)["dtype"] == "bfloat16" and all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
-    fp32 = transfer(method, tiny_pair, transfer_inputs(tiny_pair, chat_records, tmp_path / "fp32"), tmp_path / "fp32" / method)
+    fp32 = transfer(method, tiny_pair, fp32_inputs, tmp_path / "fp32")
     start = {"bf16": answer_nll(tiny_pair_bf16[1], chat_records), "fp32": answer_nll(tiny_pair[1], chat_records)}
     moved = {"bf16": answer_nll(out, chat_records) - start["bf16"], "fp32": answer_nll(fp32, chat_records) - start["fp32"]}
     share = 0.5 if method == "laten" else 0.25

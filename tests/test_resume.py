@@ -19,9 +19,9 @@ from semalign.suite.models import load_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (method, checkpoint file that marks "a unit of work is done", params long enough to be killed in the next unit)
 CASES = [
-    ("semalign", "stage_1.pt", {"epochs": 60, "batch_size": 2, "micro_batch_size": 2, "trainable": "full",
+    ("semalign", "stage_1.pt", {"epochs": 30, "batch_size": 2, "micro_batch_size": 2, "trainable": "full",
                                 "loss": "v1", "kl_every_stage": True}),
-    ("kd", "last.pt", {"epochs": 60, "batch_size": 2, "micro_batch_size": 2, "trainable": "full"}),
+    ("kd", "last.pt", {"epochs": 30, "batch_size": 2, "micro_batch_size": 2, "trainable": "full"}),
 ]
 
 
