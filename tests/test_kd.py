@@ -169,3 +169,15 @@ def test_cache_keeps_layer_differences_under_a_huge_norm_token(tiny_pair, chat_r
         fp16 = (ref[hi].half().double() - ref[lo].half().double())[real]
         worst_fp16 = min(worst_fp16, cos(fp16, want, dim=-1).min().item())
     assert worst_fp16 < 0.999  # the planted token does break fp16 storage
+
+
+def test_output_kl_of_bf16_logits_is_reduced_in_fp32():
+    """The paper's models give bf16 logits; the KL must be the fp32 KL of those same values (the softmax, the
+    log-ratio and the sums in fp32), dtype fp32. A log-softmax taken in bf16 (steps of ~0.03 at |log p| ~ 10 over
+    a 49k vocabulary) is off by far more than fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(6, 49152, generator=g).bfloat16() for _ in range(2))
+    mask = torch.ones(6)
+    got = output_kl(s, t, mask, temperature=2.0)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(output_kl(s.float(), t.float(), mask, temperature=2.0).item(), rel=1e-6)
