@@ -5,6 +5,7 @@ import importlib.util
 import math
 
 import pytest
+import torch
 import yaml
 from lm_eval.api.model import LM
 from lm_eval.utils import apply_template
@@ -191,17 +192,17 @@ def test_generation_batches_wider_than_scoring(tiny_model_dir, test_files, monke
 @pytest.mark.parametrize("task", ["mmlu", "gsm8k"])
 def test_a_bf16_model_scores_as_its_fp32_twin(task, tiny_pair, tiny_pair_bf16, test_files):
     """The paper's dtype through lm-eval: a bf16 student (the fp32 student's weights rounded) loads and runs in
-    bf16, and its per-item answer NLL (reduced in fp32) is finite and within 0.5% of the fp32 twin's (rounding the
-    weights and the activations moves these near-uniform models' NLL, ~10.8 nats per token, by ~1e-4 relative, the
-    bound of the fp32-vs-bf16 smoke DAG comparison this replaces); a bf16 model loaded as fp32 fails the dtype check."""
+    bf16, and its per-item answer NLL (reduced in fp32) is finite and within 5e-4 relative of the fp32 twin's.
+    Measured: 1.2e-4 (MMLU) and 6.5e-6 (GSM8K); with the log-softmax left in bf16 (lm-eval's softmax_dtype unset)
+    3.3e-3 and 1.1e-3; a bf16 model loaded as fp32 fails the dtype check."""
     from semalign.suite.evaluation import hf_model
 
     runs = {}
-    for dtype, model_dir in (("bfloat16", tiny_pair_bf16[1]), ("float32", tiny_pair[1])):
+    for dtype, model_dir in ((torch.bfloat16, tiny_pair_bf16[1]), (torch.float32, tiny_pair[1])):
         model = hf_model(model_dir, batch_size=4, gen_batch_size=None, device="cpu")
-        assert model.model.dtype == getattr(__import__("torch"), dtype)
+        assert model.model.dtype == dtype
         runs[dtype] = evaluate_model(model_dir, task, test_files[task], allow_code_execution=False, max_gen_toks=4,
                                      limit=2, model=model)
-    bf, fp = ([i["nll"] for i in runs[d]["items"]] for d in ("bfloat16", "float32"))
+    bf, fp = ([i["nll"] for i in runs[d]["items"]] for d in (torch.bfloat16, torch.float32))
     assert all(math.isfinite(x) for x in bf)
-    assert bf == pytest.approx(fp, rel=5e-3) and bf != fp
+    assert bf == pytest.approx(fp, rel=5e-4) and bf != fp
