@@ -7,6 +7,8 @@ last answer token with a logit lens, translate the teacher's selected vectors (r
 down/o_proj), add them to the student's selected slots as a delta, and train the translator on the student's LM
 loss with the delta applied (+ an MSE pull of the translated vectors towards 0) over the example and 15 align
 examples. Inference locates once more on one train example and adds the translated delta to the student.
+Locating the extract examples does not depend on the seed (the student is untouched between steps): the workflow
+does it once per (pair, task) (:meth:`LaTen.prepare`, rule prepare_transfer) for every seed's transfer.
 
 Where this differs from the upstream code (Trae1ounG/Neural_Incompatibility), on purpose:
 - The saved model contains the delta (``weight += delta`` before saving); upstream saved the unmodified student.
@@ -207,6 +209,15 @@ def locate(model: nn.Module, input_ids: torch.Tensor, target: int, n_layers: int
     return Located(layers, neurons)
 
 
+def locate_pair(teacher: nn.Module, student: nn.Module, tokenizer: Any, record: dict, max_len: int,
+                counts: dict[str, int]) -> tuple[Located, Located]:
+    """Where ``record``'s last answer token is decided, in the teacher and in the student (as many layers each as
+    the student has)."""
+    input_ids, target = attribution_input(tokenizer, record, max_len)
+    n_layers = len(decoder_layers(student))
+    return locate(teacher, input_ids, target, n_layers, counts), locate(student, input_ids, target, n_layers, counts)
+
+
 def _module(model: nn.Module, layer: int, name: str) -> nn.Linear:
     return getattr(getattr(decoder_layers(model)[layer], PARENT[name]), name)
 
@@ -335,19 +346,45 @@ def _example_backward(student: nn.Module, batch: dict[str, torch.Tensor], mse: t
 class LaTen(Method):
     config_cls = LaTenConfig
 
+    @classmethod
+    def preparation_settings(cls, cfg: LaTenConfig) -> dict[str, Any]:
+        return {"steps": cfg.steps, "transfer_rate": cfg.transfer_rate, "modules": list(cfg.modules)}
+
+    @staticmethod
+    def frozen_teacher(ctx: TransferContext, student: nn.Module) -> nn.Module:
+        """The teacher, and ``student`` with it, frozen in eval mode: LaTen edits weights, it never trains them."""
+        teacher, _ = load_model(ctx.teacher, device=ctx.device)
+        for model in (teacher, student):
+            model.requires_grad_(False)
+            model.eval()
+        if len(decoder_layers(teacher)) < len(decoder_layers(student)):
+            raise ValueError(f"laten: the teacher has {len(decoder_layers(teacher))} layers, fewer than the "
+                             f"student's {len(decoder_layers(student))}; each student layer needs a teacher layer")
+        return teacher
+
+    def prepare(self, ctx: TransferContext, cfg: LaTenConfig) -> dict[str, Any]:
+        """Where each optimizer step's extract example puts its knowledge, in teacher and student (the untouched
+        student: the translated delta is only applied inside a step): the same for every seed, and most of a run's
+        time (one vocabulary projection per scored neuron). {"teacher": [...], "student": [...]}, one
+        :class:`Located` (as a dict) per step."""
+        student, tokenizer = load_model(ctx.student, device=ctx.device, trainable=True)  # as run() has it
+        teacher = self.frozen_teacher(ctx, student)
+        counts = transfer_counts(teacher, student, cfg.transfer_rate, cfg.modules)
+        records = self.records(ctx, "extract")
+        located: dict[str, list[dict]] = {"teacher": [], "student": []}
+        for record in tqdm(records[: min(cfg.steps or len(records), len(records))], desc="laten locate"):
+            for role, where in zip(("teacher", "student"), locate_pair(teacher, student, tokenizer, record,
+                                                                         ctx.max_len, counts)):
+                located[role].append(asdict(where))
+        return located
+
     def run(self, ctx: TransferContext) -> Path:
         cfg, _, student, tokenizer = self.begin(ctx)
-        teacher, _ = load_model(ctx.teacher, device=ctx.device)
-        teacher.requires_grad_(False)
-        student.requires_grad_(False)
-        student.eval()
+        prep = self.prepared(ctx, cfg)  # before this run's teacher: computed here, it loads and frees its own
+        teacher = self.frozen_teacher(ctx, student)
         dev = model_device(student)
-        n_layers = len(decoder_layers(student))
-        if len(decoder_layers(teacher)) < n_layers:
-            raise ValueError(f"laten: the teacher has {len(decoder_layers(teacher))} layers, fewer than the "
-                             f"student's {n_layers}; each student layer needs a teacher layer")
         counts = transfer_counts(teacher, student, cfg.transfer_rate, cfg.modules)
-        extract_records = self.records(ctx, "extract")
+        steps_located = [(Located(**t), Located(**s)) for t, s in zip(prep["teacher"], prep["student"])]
         extract, align = self.split(ctx, tokenizer, "extract"), self.split(ctx, tokenizer, "align")
         n_align = len(align["input_ids"])
         if n_align < cfg.samples_per_step - 1:
@@ -356,18 +393,15 @@ class LaTen(Method):
 
         translator = KnowledgeTranslator(cfg.modules, teacher.config.hidden_size, student.config.hidden_size,
                                          cfg.init_std).to(dev)
-        steps = min(cfg.steps or len(extract_records), len(extract_records))
+        steps = len(steps_located)
         opt = torch.optim.AdamW(translator.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         # upstream's schedule, including OneCycleLR's default momentum cycling (beta1 between 0.85 and 0.95)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.pct_start,
                                                     anneal_strategy="cos", final_div_factor=1)
 
-        def translate(record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Located]:
-            input_ids, target = attribution_input(tokenizer, record, ctx.max_len)
-            where_t = locate(teacher, input_ids, target, n_layers, counts)
-            where_s = locate(student, input_ids, target, n_layers, counts)
+        def translate(where_t: Located, where_s: Located) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
             translated = translator({m: extract_vectors(teacher, where_t, m).to(dev) for m in cfg.modules})
-            return translated, build_deltas(student, where_s, translated), where_t
+            return translated, build_deltas(student, where_s, translated)
 
         curve, seen = [], set()  # seen: the align rows the steps drew (the budget's distinct examples)
         # the loss alone: the translator starts at ~0 (init_std), so a healthy run grows its weights by orders of
@@ -375,7 +409,7 @@ class LaTen(Method):
         guard = DivergenceGuard(cfg.divergence_factor, [])
         for idx in tqdm(range(steps), desc="laten align"):
             opt.zero_grad(set_to_none=True)
-            translated, deltas, _ = translate(extract_records[idx])
+            translated, deltas = translate(*steps_located[idx])
             mse = sum(t.pow(2).mean() for t in translated.values())
             g = torch.Generator().manual_seed(ctx.seed * 100_003 + idx)
             rows = torch.randperm(n_align, generator=g)[: cfg.samples_per_step - 1].tolist()
@@ -393,8 +427,9 @@ class LaTen(Method):
 
         train = self.records(ctx, "train")
         pick = int(torch.randint(len(train), (1,), generator=torch.Generator().manual_seed(ctx.seed)))
+        where_t, where_s = locate_pair(teacher, student, tokenizer, train[pick], ctx.max_len, counts)
         with torch.no_grad():
-            _, deltas, where_t = translate(train[pick])
+            _, deltas = translate(where_t, where_s)
         committed = commit_deltas(student, deltas)
         atomic_torch_save({k: v.detach().to("cpu", torch.float32) for k, v in deltas.items()}, ctx.out_dir / "delta.pt")
         stats = {

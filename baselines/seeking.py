@@ -23,8 +23,8 @@ Where this differs from the upstream code (maszhongming/ParaKnowTransfer), on pu
   ``ensure_weight_tying`` merges the shared delta twice). Both get their own LoRA, as in upstream's untied
   Llama-2; the saved model therefore has a separate output head (V·d more parameters). LoRA-SFT, its control,
   does the same (:func:`semalign.suite.lora.untie_targeted_embeddings`).
-- The teacher's factors are cached beside the training checkpoint, so a resumed run sees the same base weights
-  and skips the teacher.
+- Steps 1-3 do not depend on the seed: the workflow runs them once per (pair, task) (:meth:`Seeking.prepare`,
+  rule prepare_transfer) and every seed's transfer, a resumed one included, starts from the same factors.
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ from torch import nn
 from tqdm import tqdm
 
 from baselines.lora_sft import LoRASFTConfig
-from semalign.suite.io import atomic_torch_save, write_csv
+from semalign.suite.io import write_csv
 from semalign.suite.lora import apply_lora, trainable_parameters, untie_targeted_embeddings
 from semalign.suite.models import decoder_layers, load_model
 from semalign.suite.objectives import sft_loss
 from semalign.suite.registry import Method, TransferContext, register_method
-from semalign.suite.train import checkpoint_dir, fit, fit_budget, load_checkpoint, trim
+from semalign.suite.train import fit, fit_budget, trim
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # decoder layer index in a parameter / module name
 SPLITS = ("extract", "align", "train")
@@ -314,9 +314,14 @@ def inject(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor
 class Seeking(Method):
     config_cls = SeekingConfig
 
-    def extract(self, ctx: TransferContext, cfg: SeekingConfig, student: nn.Module) -> dict[str, Any]:
-        """Teacher sensitivity on the seed split, layer selection and factor extraction (the teacher is freed on
-        return): {"scores", "selected", "n_seed", "factors"}."""
+    @classmethod
+    def preparation_settings(cls, cfg: SeekingConfig) -> dict[str, Any]:
+        return {"seed_split": cfg.seed_split, "lora_r": cfg.lora_r, "lora_targets": list(cfg.lora_targets)}
+
+    def prepare(self, ctx: TransferContext, cfg: SeekingConfig) -> dict[str, Any]:
+        """Teacher sensitivity on the seed split, layer selection and factor extraction, the same for every seed
+        (the teacher is freed on return): {"scores", "selected", "n_seed", "factors"}."""
+        student, _ = load_model(ctx.student, device="cpu")  # its shapes only
         teacher, t_tok = load_model(ctx.teacher, device=ctx.device)  # its own dtype; sums and SVD in fp32
         n_s = len(decoder_layers(student))
         # fail before the sensitivity pass: too shallow (select_layers) or too narrow (paired_modules)
@@ -332,13 +337,7 @@ class Seeking(Method):
 
     def run(self, ctx: TransferContext) -> Path:
         cfg, _, model, tokenizer = self.begin(ctx)
-        key = ctx.fingerprint()
-        # fit() checkpoints into this same dir, so a resumed run finds the factors its base weights came from
-        cached = checkpoint_dir(ctx.out_dir, {"config": cfg.fingerprint(), "seed": ctx.seed, **key}) / "extraction.pt"
-        ext = load_checkpoint(cached, map_location="cpu")
-        if ext is None:
-            ext = self.extract(ctx, cfg, model)
-            atomic_torch_save(ext, cached)
+        ext = self.prepared(ctx, cfg)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -354,7 +353,7 @@ class Seeking(Method):
             return sft_loss(model, b)
 
         train = self.split(ctx, tokenizer, "train")
-        curve = fit(model, train, loss_fn, cfg, ctx.out_dir, ctx.seed, "seeking", fingerprint=key)
+        curve = fit(model, train, loss_fn, cfg, ctx.out_dir, ctx.seed, "seeking", fingerprint=ctx.fingerprint())
         stats = {
             "trainable_params": trainable_parameters(model),
             "budget": fit_budget(train, cfg, curve),

@@ -123,15 +123,20 @@ def basis_matrix(model: torch.nn.Module, basis: str, seed: int = 0) -> torch.Ten
     raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
 
 
-def recomposition_cosine(h: torch.Tensor, bases: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
-    """Per-row cos(h, S S^T h / ||h||) for h [n, d]: decompose into cosines over the bases, recompose, compare.
-
-    S S^T (d x d) is accumulated over vocabulary chunks, so no [n, V] coefficient matrix is formed."""
+def bases_gram(bases: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
+    """S S^T (d x d, float64) of unit-column bases S [d, V], accumulated over vocabulary chunks so no [d, V] float64
+    copy is formed. Once per basis: it is the expensive part of the check (d² V multiply-adds)."""
     gram = torch.zeros(bases.shape[0], bases.shape[0], dtype=torch.float64, device=bases.device)
     for i in range(0, bases.shape[1], chunk_size):
         block = bases[:, i : i + chunk_size].to(torch.float64)
         gram += block @ block.T
-    x = h.to(bases.device, torch.float64)
+    return gram
+
+
+def recomposition_cosine(h: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per-row cos(h, S S^T h / ||h||) for h [n, d] given ``gram`` = S S^T (:func:`bases_gram`): decompose into
+    cosines over the bases, recompose, compare, with no [n, V] coefficient matrix."""
+    x = h.to(gram.device, torch.float64)
     return torch.nn.functional.cosine_similarity(x, x @ gram, dim=-1)
 
 
@@ -143,9 +148,9 @@ def decomposition_check(
 ) -> dict[int, float]:
     """Paper Fig. 2: mean recomposition cosine per layer. Inputs are [..., d] states of real tokens only
     (the caller drops padding); output {layer: mean cosine}."""
-    bases = basis_matrix(model, basis, seed)
+    gram = bases_gram(basis_matrix(model, basis, seed))
     return {
-        k: recomposition_cosine(h.reshape(-1, h.shape[-1]), bases).mean().item()
+        k: recomposition_cosine(h.reshape(-1, h.shape[-1]), gram).mean().item()
         for k, h in tqdm(sorted(hidden_states_by_layer.items()), desc=f"decomposition ({basis})", leave=False)
     }
 

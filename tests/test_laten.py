@@ -23,6 +23,7 @@ from baselines.laten import (
 )
 from semalign.suite.io import write_jsonl
 from semalign.suite.models import load_model
+from semalign.suite.pipeline import run_preparation
 from semalign.suite.registry import TransferContext, get_method
 
 
@@ -195,14 +196,43 @@ def test_hooked_delta_equals_edited_weights_and_grads_reach_translated_only(tiny
     assert all(p.grad is None for p in student.parameters())
 
 
-def test_laten_end_to_end_saves_student_plus_delta(tiny_pair, chat_records, tmp_path):
+def test_laten_end_to_end_saves_student_plus_delta(tiny_pair, chat_records, tmp_path, monkeypatch):
+    from baselines import laten
+
     teacher, student_dir = tiny_pair
     splits = tmp_path / "splits"
     for name, recs in (("extract", chat_records[:2]), ("align", chat_records[2:]), ("train", chat_records)):
         write_jsonl(splits / f"{name}.jsonl", recs)
-    ctx = TransferContext(teacher=teacher, student=student_dir, splits=splits, task="gsm8k", out_dir=tmp_path / "run",
-                          seed=1, max_len=64, params={"samples_per_step": 4, "lr": 0.1, "transfer_rate": 0.2})
-    out = get_method("laten").run(ctx)
+
+    def ctx_in(name: str) -> TransferContext:
+        return TransferContext(teacher=teacher, student=student_dir, splits=splits, task="gsm8k",
+                               out_dir=tmp_path / name, seed=1, max_len=64,
+                               params={"samples_per_step": 4, "lr": 0.1, "transfer_rate": 0.2})
+
+    ctx = ctx_in("run")
+    prepared = tmp_path / "prepare.pt"
+    run_preparation("laten", ctx, prepared)
+    ctx.artifacts = {"preparation": prepared}
+    # step i's locations are those of extract example i, in both models
+    t_model, tok = load_model(teacher)
+    s_model, _ = load_model(student_dir)
+    counts = {"up_proj": 12, "down_proj": 12, "v_proj": 3, "o_proj": 6}
+    prep = torch.load(prepared, weights_only=True)
+    for i, record in enumerate(chat_records[:2]):
+        ids, target = attribution_input(tok, record, 64)
+        for role, model in (("teacher", t_model), ("student", s_model)):
+            want = locate(model, ids, target, 2, counts)
+            got = prep[role][i]
+            assert all(torch.equal(got["layers"][k], v) for k, v in want.layers.items()), (role, i)
+            assert all(torch.equal(got["neurons"][k], v) for k, v in want.neurons.items()), (role, i)
+    located = []
+    with monkeypatch.context() as m:  # given the preparation, a run locates only its inference example
+        m.setattr(laten, "locate", lambda model, *args: located.append(model) or locate(model, *args))
+        out = get_method("laten").run(ctx)
+    assert len(located) == 2
+    # without the file the run locates its 2 extract examples itself (the cost benchmark's path): the same model
+    alone = get_method("laten").run(ctx_in("alone"))
+    assert (alone / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
     original, _ = load_model(student_dir)
     saved, _ = load_model(out)

@@ -25,6 +25,7 @@ from semalign.suite.chat import tokenize_records
 from semalign.suite.io import write_jsonl
 from semalign.suite.models import load_model
 from semalign.suite.objectives import sft_loss
+from semalign.suite.pipeline import run_preparation
 from semalign.suite.registry import TransferContext, get_method
 
 
@@ -212,7 +213,16 @@ def _ctx(teacher, student, tmp_path, chat_records, name="run"):
 def test_run_end_to_end(tiny_pair, chat_records, tmp_path, monkeypatch):
     teacher_dir, student_dir = tiny_pair
     ctx = _ctx(teacher_dir, student_dir, tmp_path, chat_records)
-    out = get_method("seeking").run(ctx)
+    prepared = tmp_path / "prepare.pt"
+    run_preparation("seeking", ctx, prepared)
+    ctx.artifacts = {"preparation": prepared}
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("sensitivity recomputed")
+
+    with monkeypatch.context() as m:  # a transfer given the preparation never runs the teacher
+        m.setattr(seeking, "sensitivity", no_teacher)
+        out = get_method("seeking").run(ctx)
 
     stats = json.loads((ctx.out_dir / "train_stats.json").read_text())
     assert stats["teacher_forwards"] == 3
@@ -238,7 +248,7 @@ def test_run_end_to_end(tiny_pair, chat_records, tmp_path, monkeypatch):
     # saved = student - s·B0A0 (extracted) + s·BtAt (trained), s = alpha / r = 4
     (ckpt,) = (ctx.out_dir / "ckpt").glob("*/last.pt")
     trained = torch.load(ckpt, weights_only=False)["model"]
-    extracted = torch.load(ckpt.parent / "extraction.pt", weights_only=True)["factors"]
+    extracted = torch.load(prepared, weights_only=True)["factors"]
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_{}.default.weight"
     A0, B0 = extracted["model.layers.1.self_attn.q_proj"]
     want = student.model.layers[1].self_attn.q_proj.weight + 4 * (trained[key.format("B")] @ trained[key.format("A")]
@@ -252,12 +262,9 @@ def test_run_end_to_end(tiny_pair, chat_records, tmp_path, monkeypatch):
     assert not model.config.tie_word_embeddings
     assert not torch.allclose(model.lm_head.weight, model.model.embed_tokens.weight, atol=1e-4)  # trained apart
 
-    # a re-run reuses the cached extraction: the teacher is not touched again
-    def no_teacher(*args, **kwargs):
-        raise AssertionError("sensitivity recomputed")
-
-    monkeypatch.setattr(seeking, "sensitivity", no_teacher)
-    get_method("seeking").run(ctx)
+    # without the preparation file the run computes it itself (the cost benchmark's path): the very same model
+    alone = get_method("seeking").run(_ctx(teacher_dir, student_dir, tmp_path, chat_records, name="alone"))
+    assert (alone / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def test_run_refuses_a_deeper_student(tiny_pair, chat_records, tmp_path):

@@ -72,6 +72,36 @@ def remove_stale_temporaries(out_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def job_context(smk: Any, out_dir: Path, seed: int = 0) -> TransferContext:
+    """The context of a transfer or prepare_transfer job: the models, the splits and every other input (the
+    artifacts the method declared) from the rule's inputs, the rest from its params."""
+    inp, p = smk.input, smk.params
+    return TransferContext(
+        teacher=Path(inp.teacher).parent,
+        student=Path(inp.student).parent,
+        splits=Path(inp.splits).parent,
+        task=smk.wildcards.task,
+        out_dir=out_dir,
+        params=dict(p.method_params),
+        seed=seed,
+        device=resolve_device(p.device),
+        max_len=p.max_len,
+        train_on_inputs=p.train_on_inputs,
+        artifacts={k: Path(v) for k, v in inp.items() if k not in ("teacher", "student", "splits")},
+    )
+
+
+def run_preparation(method: str, ctx: TransferContext, out: Path) -> dict[str, Any]:
+    """Make ``method``'s seed-independent preparation for every seed of ``ctx``'s (pair, task) (rule
+    prepare_transfer); returns what it cost."""
+    from semalign.suite.io import atomic_torch_save
+
+    impl = get_method(method)
+    t0 = time.perf_counter()
+    atomic_torch_save(impl.prepare(ctx, impl.config(ctx.params)), out)
+    return {"method": method, "task": ctx.task, "wall_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+
+
 def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str | None = None) -> dict[str, Any]:
     """Run one method and record what it cost; ``transfer.json`` is written last, so it marks completion.
     ``label``: the row name in tables (an ablation variant ``method@key=value``), default ``method``."""

@@ -350,41 +350,23 @@ def transfer_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st:
                                                              + 2 * L * head_tok if suffix else 2 * head_tok)))
         note = f"{L} stages" + (", output KL through the suffix at every stage" if suffix else "")
         return _finish(s, "transfer", job, device, host, st.weight_bytes, flop, read + cache_file_bytes, note)
-    if method == "seeking":
-        pt = t.dtype_bytes  # the teacher is loaded in its own dtype for the sensitivity pass
-        acc_on_device = cfg.sensitivity_device in (None, "cuda") or str(cfg.sensitivity_device).startswith("cuda")
-        sens_dev = t.params * pt + (t.params * 4 if acc_on_device else 0) + t.layer_params * 4 * 2 + \
-            s.max_len * (t.layers * saved_activation_bytes(t, pt) + logits_bytes(1, t.vocab, pt, False))
-        sens_host = 0 if acc_on_device else t.params * 4
+    if method == "seeking":  # the LoRA SFT from the prepared factors (prepare_job: the sensitivity pass)
         targets = list(cfg.lora_targets)
         n_tr, b = trainable(st, cfg)
         untie = st.embed_params * p if st.tied and {"embed_tokens", "lm_head"} & set(targets) else 0
-        train_dev = st.weight_bytes + untie + train_state_bytes(cfg, n_tr, b) + _train_step(st, cfg, T, L, False)
-        device = max(sens_dev + st.weight_bytes, train_dev)
-        flop = (3 * forward_flop(t, sizes["extract"] * T)
-                + cfg.epochs * n * T * 4 * (st.params - st.embed_params * (not st.tied)))
-        note = f"sensitivity: {t.params / 1e9:.1f}B teacher params in {t.dtype_bytes * 8}-bit + fp32 sums " + \
-            ("on the device" if acc_on_device else "on the host")
-        return _finish(s, "transfer", job, device, sens_host, st.weight_bytes, flop,
-                       read + t.params * t.dtype_bytes, note)
-    if method == "laten":
-        from baselines.laten import MODULES
-
-        modules = tuple(getattr(cfg, "modules", MODULES))
+        device = st.weight_bytes + untie + train_state_bytes(cfg, n_tr, b) + _train_step(st, cfg, T, L, False)
+        flop = cfg.epochs * n * T * 4 * (st.params - st.embed_params * (not st.tied))
+        return _finish(s, "transfer", job, device, 0, st.weight_bytes, flop, read + n_tr * 4, note)
+    if method == "laten":  # the align steps from the prepared locations, then one more locate for inference
+        modules = tuple(cfg.modules)
         widths = {"up_proj": st.ffn, "down_proj": st.ffn, "v_proj": st.d, "o_proj": st.d}
         dense = L * sum(st.d * widths[m] for m in modules) * 4  # the fp32 dense deltas, kept in the graph
         translator = len(modules) * (t.d * t.d + t.d * st.d)
         device = (t.weight_bytes + st.weight_bytes + 4 * translator * 4 + 2 * dense
                   + T * (L * saved_activation_bytes(st, p) + logits_bytes(1, st.vocab, p, False)) + LOGIT_BUDGET * 4)
-        steps = min(cfg.steps or sizes["extract"], sizes["extract"])
-        neurons_t = {"up_proj": t.ffn, "down_proj": t.ffn, "v_proj": t.kv_dim, "o_proj": t.q_dim}
-        neurons_s = {"up_proj": st.ffn, "down_proj": st.ffn, "v_proj": st.kv_dim, "o_proj": st.q_dim}
-        scored = {"up_proj": "ffn", "down_proj": "ffn", "v_proj": "v", "o_proj": "o"}
-        lens = L * sum(2 * (t.d + 1) * t.vocab * neurons_t[m] for m in {scored[m]: m for m in modules}.values()) + \
-            L * sum(2 * (st.d + 1) * st.vocab * neurons_s[m] for m in {scored[m]: m for m in modules}.values())
-        flop = (steps + 1) * (lens + forward_flop(t, T) + forward_flop(st, T)) + \
-            steps * cfg.samples_per_step * 4 * forward_flop(st, T)
-        note = f"{steps} steps; logit-lens scoring of every neuron of {L} layers per model per step"
+        steps = laten_steps(cfg, sizes)
+        flop = laten_locate_flop(t, st, modules, T) + steps * cfg.samples_per_step * 4 * forward_flop(st, T)
+        note = f"{steps} steps from the prepared locations; one more locate for inference"
         return _finish(s, "transfer", job, device, 0, st.weight_bytes, flop, read + t.weight_bytes, note)
     # A method without a cost model here (a new baseline): bounded by training the whole student with the teacher
     # resident and run on every training token, so a cluster profile still gets a request it fits in.
@@ -398,6 +380,51 @@ def transfer_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st:
     flop = bound.epochs * n * T * 6 * (st.params - st.embed_params * (not st.tied)) + forward_flop(t, bound.epochs * n * T)
     note = f"no cost model for {method!r}: bounded by full fine-tuning of the student with the teacher resident"
     return _finish(s, "transfer", job, device, 0, st.weight_bytes, flop, read + t.weight_bytes, note)
+
+
+def laten_steps(cfg: Any, sizes: dict[str, int]) -> int:
+    return min(cfg.steps or sizes["extract"], sizes["extract"])
+
+
+def laten_locate_flop(t: ModelShape, st: ModelShape, modules: tuple[str, ...], T: int) -> float:
+    """One LaTen locate in both models: a forward each, then a logit-lens projection per scored neuron of as many
+    layers as the student has."""
+    neurons_t = {"up_proj": t.ffn, "down_proj": t.ffn, "v_proj": t.kv_dim, "o_proj": t.q_dim}
+    neurons_s = {"up_proj": st.ffn, "down_proj": st.ffn, "v_proj": st.kv_dim, "o_proj": st.q_dim}
+    scored = {"up_proj": "ffn", "down_proj": "ffn", "v_proj": "v", "o_proj": "o"}
+    kinds = {scored[m]: m for m in modules}.values()
+    lens = st.layers * sum(2 * (t.d + 1) * t.vocab * neurons_t[m] for m in kinds) + \
+        st.layers * sum(2 * (st.d + 1) * st.vocab * neurons_s[m] for m in kinds)
+    return lens + forward_flop(t, T) + forward_flop(st, T)
+
+
+def prepare_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st: ModelShape,
+                sizes: dict[str, int]) -> JobPlan:
+    """A prepare_transfer job (a method's seed-independent part, once per pair and task): Seeking's sensitivity
+    pass and factor extraction, LaTen's locating of its extract examples."""
+    T = s.max_len
+    if method == "seeking":
+        pt = t.dtype_bytes  # the teacher is loaded in its own dtype for the sensitivity pass
+        acc_on_device = cfg.sensitivity_device in (None, "cuda") or str(cfg.sensitivity_device).startswith("cuda")
+        device = t.params * pt + (t.params * 4 if acc_on_device else 0) + t.layer_params * 4 * 2 + \
+            T * (t.layers * saved_activation_bytes(t, pt) + logits_bytes(1, t.vocab, pt, False))
+        host = (0 if acc_on_device else t.params * 4) + st.weight_bytes  # the student, on the host: its shapes
+        factors = trainable(st, cfg)[0] * 4
+        note = f"sensitivity: {t.params / 1e9:.1f}B teacher params in {t.dtype_bytes * 8}-bit + fp32 sums " + \
+            ("on the device" if acc_on_device else "on the host")
+        return _finish(s, "prepare_transfer", job, device, host, factors, 3 * forward_flop(t, sizes["extract"] * T),
+                       t.params * pt + st.weight_bytes, note)
+    if method == "laten":
+        p = st.dtype_bytes
+        device = (t.weight_bytes + st.weight_bytes + T * (st.layers * saved_activation_bytes(st, p)
+                                                          + logits_bytes(1, st.vocab, p, False)) + LOGIT_BUDGET * 4)
+        steps = laten_steps(cfg, sizes)
+        return _finish(s, "prepare_transfer", job, device, 0, 0, steps * laten_locate_flop(t, st, tuple(cfg.modules), T),
+                       t.weight_bytes + st.weight_bytes, f"{steps} extract examples located in both models")
+    # A new method's preparation: bounded by both models resident and a teacher forward + backward per extract token
+    return _finish(s, "prepare_transfer", job, t.weight_bytes + st.weight_bytes, 0, 0,
+                   3 * forward_flop(t, sizes["extract"] * T), t.weight_bytes + st.weight_bytes,
+                   f"no cost model for {method!r}'s preparation: bounded by both models and a teacher backward")
 
 
 def evaluate_job(s: Setting, job: str, m: ModelShape, n_test: int, task: str, n_models: int = 1) -> JobPlan:
@@ -460,6 +487,8 @@ def plan_job(config: dict, rule: str, wc: dict[str, str], root: Path | None = No
     if rule == "transfer":
         cache = cache_teacher_job(s, job, t, sizes["train"], cache_layers).disk_gb * GB
         return transfer_job(s, job, wc["method"].split("@")[0], method_cfg, t, st, sizes, cache)
+    if rule == "prepare_transfer":
+        return prepare_job(s, job, wc["method"], method_cfg, t, st, sizes)
     if rule == "evaluate":
         return evaluate_job(s, job, t if wc["method"] == "teacher" else st, sizes["test"], wc["task"], n_models)
     raise ValueError(f"plan: no cost model for rule {rule!r}")

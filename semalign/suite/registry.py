@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -57,6 +58,25 @@ class TeacherCache(Artifact):
     PATTERN: ClassVar[str] = "cache/{pair}/{task}/teacher.pt"
     pairing: PairingName | None = None
     states: str = "end"
+
+
+@dataclass(frozen=True)
+class Preparation(Artifact):
+    """What a method computes once per (pair, task) before any seed trains (:meth:`Method.prepare`: Seeking's
+    teacher factors, LaTen's located neurons), read by the transfer of every seed. ``digest`` hashes the settings
+    it depends on (:meth:`Method.preparation_settings`), so a variant that changes them gets its own file and one
+    that does not shares it."""
+
+    key: ClassVar[str] = "preparation"
+    PATTERN: ClassVar[str] = "prepare/{pair}/{task}/{method}/{digest}.pt"
+    DIGEST: ClassVar[str] = "[0-9a-f]{12}"
+    method: str
+    digest: str
+
+    @classmethod
+    def of(cls, method: str, settings: dict[str, Any]) -> Preparation:
+        blob = json.dumps(settings, sort_keys=True, default=str).encode()
+        return cls(method, hashlib.sha256(blob).hexdigest()[:12])
 
 
 @dataclass
@@ -138,8 +158,30 @@ class Method:
 
     @classmethod
     def needs(cls, cfg: Any) -> list[Artifact]:
-        """The artifacts a run with config ``cfg`` reads; the workflow adds their rules' outputs as inputs."""
-        return []
+        """The artifacts a run with config ``cfg`` reads; the workflow adds their rules' outputs as inputs. By
+        default the method's :class:`Preparation`, if it has one."""
+        settings = cls.preparation_settings(cfg)
+        return [] if settings is None else [Preparation.of(cls.name, settings)]
+
+    @classmethod
+    def preparation_settings(cls, cfg: Any) -> dict[str, Any] | None:
+        """What of ``cfg`` :meth:`prepare` reads (None: the method prepares nothing). The context's inputs, max_len
+        and train_on_inputs are the same for every seed of a (pair, task), so the settings alone tell variants apart."""
+        return None
+
+    def prepare(self, ctx: TransferContext, cfg: Any) -> dict[str, Any]:
+        """The seed-independent part of a run (it must not read ``ctx.seed`` nor draw random numbers): made once
+        per (pair, task) by the workflow's prepare_transfer rule and shared by every seed. Tensors and plain
+        containers only (saved with torch.save, loaded with weights_only)."""
+        raise NotImplementedError(f"method {self.name!r} declares preparation settings but no prepare()")
+
+    def prepared(self, ctx: TransferContext, cfg: Any) -> dict[str, Any]:
+        """The preparation the workflow made, else computed here: a direct call of ``run`` (tests, the cost
+        benchmark, which so charges it to the method) gets the very same result, only not shared."""
+        import torch
+
+        path = ctx.artifacts.get(Preparation.key)
+        return self.prepare(ctx, cfg) if path is None else torch.load(path, map_location="cpu", weights_only=True)
 
     @classmethod
     def uses_teacher_cache(cls, cfg: Any) -> bool:

@@ -15,7 +15,7 @@ from semalign.suite import config as configuration
 from semalign.suite.ids import PairingName, SplitId, Variant
 from semalign.suite.evaluation import gen_cap
 from semalign.suite.sources import SPLITS, data_dir, source_files
-from semalign.suite.registry import Artifact, TeacherCache, method_class
+from semalign.suite.registry import Artifact, Preparation, TeacherCache, method_class
 
 configuration.load(config)  # coerced, validated (defaults filled in) and cross-checked before any job is built
 
@@ -162,6 +162,15 @@ def transfer_inputs(wc) -> dict:
                              f"add {Variant.parse(wc.method).method} to `methods`")
         inputs[artifact.key] = artifact.path(R, wc.pair, wc.task)
     return inputs
+
+
+def preparation_params(wc) -> dict:
+    """The method_params of a prepare_transfer job: those of any method or variant on the task whose preparation
+    this is (variants that share the file agree on every setting the preparation reads)."""
+    for name in methods_on(wc.task):
+        if Preparation(Variant.parse(name).method, wc.digest) in needs(name, wc.task):
+            return method_params(name, wc.task)
+    raise ValueError(f"no method or variant on {wc.task} has the {wc.method} preparation {wc.digest}")
 
 
 def cache_readers(wc) -> list[TeacherCache]:
@@ -351,9 +360,11 @@ def bench_target() -> tuple[str, str]:
 
 
 def bench_inputs() -> dict[str, dict[str, str]]:
-    """method -> its transfer inputs on the benchmark's (pair, task)."""
+    """method -> its transfer inputs on the benchmark's (pair, task), less its preparation: the benchmark times
+    each method whole, so a method computes its seed-independent part in the same process (the DAG shares it)."""
     pair, task = bench_target()
-    return {m: transfer_inputs(SimpleNamespace(pair=pair, task=task, method=m)) for m in trained_methods()}
+    return {m: {k: f for k, f in transfer_inputs(SimpleNamespace(pair=pair, task=task, method=m)).items()
+                if k != Preparation.key} for m in trained_methods()}
 
 
 def bench_params() -> dict[str, dict]:

@@ -13,6 +13,8 @@ def job_plan(rule: str, wc):
     extra = {}
     if rule == "transfer":
         extra["method_cfg"] = method_config(wc.method)
+    if rule == "prepare_transfer":
+        extra["method_cfg"] = method_class(wc.method).config(preparation_params(wc))
     if rule in ("transfer", "cache_teacher"):
         extra["cache_layers"] = bool(cache_layer_specs(wc))
     if rule == "semantic_bases":
@@ -29,7 +31,8 @@ def planned(rule: str) -> dict:
 
 
 def planned_jobs() -> list[tuple[str, dict]]:
-    """(rule, wildcards) of every job the plan covers: the model, analysis, cache, transfer and evaluate jobs."""
+    """(rule, wildcards) of every job the plan covers: the model, analysis, cache, preparation, transfer and
+    evaluate jobs."""
     pairs, jobs = list(config["pairs"]), []
     jobs += [("prepare_model", {"model": m}) for m in manifests()]
     if uses_pairings():
@@ -42,6 +45,9 @@ def planned_jobs() -> list[tuple[str, dict]]:
         for t in TASKS:
             if cache_readers(SimpleNamespace(pair=p, task=t)):
                 jobs.append(("cache_teacher", {"pair": p, "task": t}))
+            jobs += [("prepare_transfer", {"pair": p, "task": t, "method": a.method, "digest": a.digest})
+                     for a in sorted({a for m in methods_on(t) for a in needs(m, t) if isinstance(a, Preparation)},
+                                     key=str)]
             for m in methods_on(t):
                 seeds = seeds_for(m) if m in METHODS else ABLATION_SEEDS
                 if not method_cls(m).reference:

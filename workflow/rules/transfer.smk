@@ -1,4 +1,5 @@
-# Teacher activations once per (pair, task); then one generic transfer rule over the methods registry.
+# Teacher activations and each method's seed-independent preparation once per (pair, task); then one generic
+# transfer rule over the methods registry.
 
 
 rule cache_teacher:
@@ -28,6 +29,35 @@ rule cache_teacher:
         "Caching teacher activations: {wildcards.pair} / {wildcards.task}"
     script:
         "../scripts/cache_teacher.py"
+
+
+rule prepare_transfer:
+    input:
+        teacher=pair_model("teacher"),
+        student=pair_model("student"),
+        splits=f"{R}/splits/{{task}}/manifest.json",
+    output:
+        Preparation.pattern(R),
+    params:
+        method_params=preparation_params,
+        device=config["device"],
+        max_len=config["data"]["max_len"],
+        train_on_inputs=lambda wc: wc.task in config["data"]["train_on_inputs"],
+    wildcard_constraints:
+        digest=Preparation.DIGEST,
+    log:
+        f"{LOGS}/prepare_transfer/{{pair}}/{{task}}/{{method}}/{{digest}}.log",
+    benchmark:
+        f"{BENCH}/prepare_transfer/{{pair}}/{{task}}/{{method}}/{{digest}}.tsv"
+    threads: THREADS
+    resources:
+        **planned("prepare_transfer"),
+    conda:
+        "../envs/semalign.yaml"
+    message:
+        "Preparing {wildcards.method} for every seed: {wildcards.pair} / {wildcards.task}"
+    script:
+        "../scripts/prepare_transfer.py"
 
 
 rule transfer:
