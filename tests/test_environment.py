@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -103,16 +102,3 @@ def test_run_manifest_records_the_environment(tmp_path):
 def test_ci_runs_the_readme_test_command_with_the_constraints():
     command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "-c constraints.txt" in command and f"\n{command}\n" in (REPO / "README.md").read_text()
-
-
-@pytest.mark.parametrize("setting, huge", [(None, True), ("0", False)])
-def test_importing_the_package_turns_on_huge_pages_before_torch_allocates(setting, huge):
-    """A fresh interpreter importing semalign, then torch: large CPU buffers come page-aligned (the huge-page
-    allocator's mark; the default allocator aligns to 64 bytes past a page), unless the user set the variable."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if setting is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = setting
-    code = ("import semalign, torch; "
-            "print(all(torch.empty(8 << 20, dtype=torch.uint8).data_ptr() % 4096 == 0 for _ in range(4)))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(huge)
