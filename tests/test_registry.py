@@ -1,6 +1,6 @@
 import pytest
 
-from semalign.suite.registry import Method, available_methods, get_method, register_method
+from semalign.suite.registry import Method, Preparation, available_methods, get_method, method_class, register_method
 
 
 def test_builtin_methods_registered():
@@ -27,3 +27,18 @@ def test_duplicate_and_bad_registration():
 
     with pytest.raises(TypeError):
         register_method("x")(object)
+
+
+@pytest.mark.parametrize("method, shared, own", [
+    ("seeking", {"lr": 0.5, "epochs": 3, "sensitivity_device": None}, [{"lora_r": 4}, {"seed_split": "align"}, {"lora_targets": ["v_proj"]}]),
+    ("laten", {"lr": 0.5, "mse_weight": 1.0}, [{"steps": 1}, {"transfer_rate": 0.2}, {"modules": ["up_proj"]}]),
+])
+def test_a_variant_shares_the_preparation_unless_it_changes_what_prepare_reads(method, shared, own):
+    """The preparation file is keyed by its settings: a variant that changes only training reuses it, one that
+    changes what prepare reads (an omitted setting would hand it the other variant's factors or neurons) gets its own."""
+    cls = method_class(method)
+    (base,) = cls.needs(cls.config({}))
+    assert isinstance(base, Preparation) and base.method == method
+    assert cls.needs(cls.config(shared)) == [base]
+    digests = {base.digest} | {cls.needs(cls.config(p))[0].digest for p in own}
+    assert len(digests) == 1 + len(own)
