@@ -116,7 +116,7 @@ def time_breakdown(records: list[dict]):
 
 if __name__ == "__main__":
     if "snakemake" in globals():
-        from semalign.suite.pipeline import start_job
+        from semalign.suite.jobs import start_job
 
         start_job(snakemake)  # noqa: F821
         run_all(snakemake)  # noqa: F821

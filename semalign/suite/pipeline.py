@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -140,15 +139,6 @@ def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str |
         record["time_breakdown"] = {**sections, "other (load, save, setup)": wall - sum(sections.values())}
     atomic_write_text(out_json, json.dumps(record, indent=2))
     return record
-
-
-def start_job(smk: Any) -> None:
-    """First line of every rule script: log to the rule's log file (tqdm and warnings go to stderr) and use
-    exactly the threads the scheduler granted, so parallel jobs do not oversubscribe the cores."""
-    log_path = Path(smk.log[0])
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stderr = sys.stdout = open(log_path, "w", buffering=1)
-    torch.set_num_threads(max(1, int(smk.threads)))
 
 
 def evaluated_model_dir(path: Path) -> Path:

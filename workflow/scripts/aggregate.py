@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
+from semalign.suite.jobs import start_job
 from semalign.suite.paper import load_paper_reported, match_reported
-from semalign.suite.pipeline import start_job
 from semalign.suite.stats import load_items, paired_tests
 from semalign.suite.tables import (
     ablation_table,

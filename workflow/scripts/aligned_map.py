@@ -2,7 +2,7 @@ from pathlib import Path
 
 from semalign.bases import build_aligned_map
 from semalign.method import AlignedMap
-from semalign.suite.pipeline import start_job
+from semalign.suite.jobs import start_job
 
 start_job(snakemake)
 inp = snakemake.input

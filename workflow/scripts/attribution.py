@@ -2,7 +2,8 @@ from pathlib import Path
 
 from semalign.attribution import attribution_report
 from semalign.suite.io import read_jsonl
-from semalign.suite.pipeline import resolve_device, start_job
+from semalign.suite.jobs import start_job
+from semalign.suite.pipeline import resolve_device
 
 start_job(snakemake)
 p, out = snakemake.params, snakemake.output

@@ -2,7 +2,8 @@ import os
 from pathlib import Path
 
 from semalign.suite.bootstrap import bootstrap_student
-from semalign.suite.pipeline import resolve_device, start_job
+from semalign.suite.jobs import start_job
+from semalign.suite.pipeline import resolve_device
 
 start_job(snakemake)
 if snakemake.params.data_dir:  # the dir the DAG declared its inputs from, whatever this job's environment says

@@ -4,8 +4,9 @@ from pathlib import Path
 from semalign.frontier import teacher_layers_for
 from semalign.suite.cache import build_teacher_cache
 from semalign.suite.io import read_jsonl
+from semalign.suite.jobs import start_job
 from semalign.suite.models import check_same_vocab
-from semalign.suite.pipeline import resolve_device, start_job
+from semalign.suite.pipeline import resolve_device
 
 start_job(snakemake)
 teacher, student = (Path(p).parent for p in (snakemake.input.teacher, snakemake.input.student))

@@ -2,7 +2,8 @@ from pathlib import Path
 
 from semalign.similarity import cka_report
 from semalign.suite.io import read_jsonl
-from semalign.suite.pipeline import evaluated_model_dir, resolve_device, start_job
+from semalign.suite.jobs import start_job
+from semalign.suite.pipeline import evaluated_model_dir, resolve_device
 
 start_job(snakemake)
 p, inp = snakemake.params, snakemake.input

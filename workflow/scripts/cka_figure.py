@@ -2,7 +2,7 @@ from pathlib import Path
 
 from semalign.similarity import read_cka
 from semalign.suite.figures import cka_figure
-from semalign.suite.pipeline import start_job
+from semalign.suite.jobs import start_job
 
 start_job(snakemake)
 wc = snakemake.wildcards

@@ -1,5 +1,5 @@
 from semalign.suite.contamination import write_report
-from semalign.suite.pipeline import start_job
+from semalign.suite.jobs import start_job
 
 start_job(snakemake)
 write_report(snakemake.input.manifests, snakemake.output.csv, snakemake.output.counts, snakemake.output.md)

@@ -3,7 +3,8 @@ from pathlib import Path
 
 from semalign.suite.evaluation import evaluate_model
 from semalign.suite.io import atomic_write_text
-from semalign.suite.pipeline import evaluated_model_dir, resolve_device, start_job
+from semalign.suite.jobs import start_job
+from semalign.suite.pipeline import evaluated_model_dir, resolve_device
 
 start_job(snakemake)
 wc, ev = snakemake.wildcards, snakemake.params.evaluation

@@ -3,8 +3,8 @@ from pathlib import Path
 import pandas as pd
 
 from semalign.suite.figures import cost_gain_figure, main_figure
+from semalign.suite.jobs import start_job
 from semalign.suite.paper import load_paper_reported, match_reported
-from semalign.suite.pipeline import start_job
 
 start_job(snakemake)
 p, out = snakemake.params, snakemake.output

@@ -3,7 +3,7 @@ from pathlib import Path
 import pandas as pd
 
 from semalign.suite.figures import loss_curves_figure
-from semalign.suite.pipeline import start_job
+from semalign.suite.jobs import start_job
 
 start_job(snakemake)
 wc = snakemake.wildcards

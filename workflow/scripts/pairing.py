@@ -7,8 +7,8 @@ from semalign.pairing import pair_layers
 from semalign.similarity import read_cka
 from semalign.suite.ids import PairingName
 from semalign.suite.io import atomic_write_text
+from semalign.suite.jobs import start_job
 from semalign.suite.models import load_manifest
-from semalign.suite.pipeline import start_job
 
 start_job(snakemake)
 inp, wc = snakemake.input, snakemake.wildcards

@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from semalign.suite.pipeline import job_context, run_preparation, start_job
+from semalign.suite.jobs import start_job
+from semalign.suite.pipeline import job_context, run_preparation
 
 start_job(snakemake)
 out = Path(snakemake.output[0])

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from semalign.bases import decomposition_report
 from semalign.suite.io import read_jsonl
-from semalign.suite.pipeline import start_job
+from semalign.suite.jobs import start_job
 
 start_job(snakemake)
 p, out = snakemake.params, snakemake.output

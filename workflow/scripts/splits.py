@@ -1,7 +1,7 @@
 import os
 from pathlib import Path
 
-from semalign.suite.pipeline import start_job
+from semalign.suite.jobs import start_job
 from semalign.suite.splits import make_splits
 
 start_job(snakemake)
