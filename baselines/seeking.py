@@ -42,7 +42,7 @@ from tqdm import tqdm
 from baselines.lora_sft import LoRASFTConfig
 from semalign.suite.io import write_csv
 from semalign.suite.lora import apply_lora, trainable_parameters, untie_targeted_embeddings
-from semalign.suite.models import decoder_layers, load_model
+from semalign.suite.models import decoder_layers, load_model, model_skeleton
 from semalign.suite.objectives import sft_loss
 from semalign.suite.registry import Method, TransferContext, register_method
 from semalign.suite.train import fit, fit_budget, trim
@@ -321,7 +321,7 @@ class Seeking(Method):
     def prepare(self, ctx: TransferContext, cfg: SeekingConfig) -> dict[str, Any]:
         """Teacher sensitivity on the seed split, layer selection and factor extraction, the same for every seed
         (the teacher is freed on return): {"scores", "selected", "n_seed", "factors"}."""
-        student, _ = load_model(ctx.student, device="cpu")  # its shapes only
+        student = model_skeleton(ctx.student)  # its shapes only
         teacher, t_tok = load_model(ctx.teacher, device=ctx.device)  # its own dtype; sums and SVD in fp32
         n_s = len(decoder_layers(student))
         # fail before the sensitivity pass: too shallow (select_layers) or too narrow (paired_modules)

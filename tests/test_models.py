@@ -196,6 +196,15 @@ def test_real_gguf_teacher(tmp_path, tiny):
     assert "5" in answer, answer
 
 
+def test_model_skeleton_has_the_modules_and_shapes_without_weights(tiny):
+    """What reads only shapes gets the prepared model's every parameter name and shape, on the meta device."""
+    out, _, _ = tiny
+    model, _ = load_model(out, device="cpu")
+    skeleton = models.model_skeleton(out)
+    assert {n: p.shape for n, p in skeleton.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+    assert all(p.is_meta for p in skeleton.parameters()) and type(skeleton) is type(model)
+
+
 def test_prepared_dir_is_world_readable(tiny):
     """Regression: tempfile.mkdtemp made prepared dirs 0700, unreadable to other users of a shared cluster."""
     out, _, _ = tiny

@@ -267,6 +267,30 @@ def test_run_end_to_end(tiny_pair, chat_records, tmp_path, monkeypatch):
     assert (alone / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
+def test_preparation_reads_the_student_as_shapes_only(tiny_pair, chat_records, tmp_path, monkeypatch):
+    """Regression: prepare loaded the whole student on the CPU for its shapes (a 7B student: 28 GB of host memory
+    in fp32). It now reads a meta-device skeleton, and prepares exactly what it did with the loaded student."""
+    teacher_dir, student_dir = tiny_pair
+    ctx = _ctx(teacher_dir, student_dir, tmp_path, chat_records)
+    method = get_method("seeking")
+    cfg = method.config(ctx.params)
+    with monkeypatch.context() as m:  # the student through the skeleton, as a rule runs it: never loaded
+        def load(path, **kwargs):
+            assert path != student_dir, "the student's weights were loaded"
+            return load_model(path, **kwargs)
+
+        m.setattr(seeking, "load_model", load)
+        skeleton = method.prepare(ctx, cfg)
+    with monkeypatch.context() as m:  # the same with the student's weights in memory
+        m.setattr(seeking, "model_skeleton", lambda path: load_model(path, device="cpu")[0])
+        loaded = method.prepare(ctx, cfg)
+    assert (skeleton["scores"], skeleton["selected"], skeleton["n_seed"]) == \
+        (loaded["scores"], loaded["selected"], loaded["n_seed"])
+    assert list(skeleton["factors"]) == list(loaded["factors"]) and len(loaded["factors"]) == 16
+    for name, (a, b) in loaded["factors"].items():
+        assert torch.equal(skeleton["factors"][name][0], a) and torch.equal(skeleton["factors"][name][1], b), name
+
+
 def test_run_refuses_a_deeper_student(tiny_pair, chat_records, tmp_path):
     teacher_dir, student_dir = tiny_pair
     ctx = _ctx(student_dir, teacher_dir, tmp_path, chat_records)  # 2-layer "teacher", 4-layer "student"

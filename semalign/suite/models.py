@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -334,6 +335,13 @@ def load_model(
     model.to(device or default_device())
     model.train(trainable)
     return model, tok
+
+
+def model_skeleton(path: Path | str) -> PreTrainedModel:
+    """A prepared model's modules and shapes on the meta device, without its weights: for code that reads only
+    shapes (Seeking pairs teacher and student matrices by shape), so a 7B student costs no 28 GB of host memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 
 
 def check_same_vocab(a: Path | str, b: Path | str) -> None:

@@ -408,12 +408,12 @@ def prepare_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st: 
         acc_on_device = cfg.sensitivity_device in (None, "cuda") or str(cfg.sensitivity_device).startswith("cuda")
         device = t.params * pt + (t.params * 4 if acc_on_device else 0) + t.layer_params * 4 * 2 + \
             T * (t.layers * saved_activation_bytes(t, pt) + logits_bytes(1, t.vocab, pt, False))
-        host = (0 if acc_on_device else t.params * 4) + st.weight_bytes  # the student, on the host: its shapes
+        host = 0 if acc_on_device else t.params * 4  # the student is a meta-device skeleton: shapes, no weights
         factors = trainable(st, cfg)[0] * 4
         note = f"sensitivity: {t.params / 1e9:.1f}B teacher params in {t.dtype_bytes * 8}-bit + fp32 sums " + \
             ("on the device" if acc_on_device else "on the host")
         return _finish(s, "prepare_transfer", job, device, host, factors, 3 * forward_flop(t, sizes["extract"] * T),
-                       t.params * pt + st.weight_bytes, note)
+                       t.params * pt, note)
     if method == "laten":
         p = st.dtype_bytes
         device = (t.weight_bytes + st.weight_bytes + T * (st.layers * saved_activation_bytes(st, p)
