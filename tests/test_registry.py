@@ -42,3 +42,21 @@ def test_a_variant_shares_the_preparation_unless_it_changes_what_prepare_reads(m
     assert cls.needs(cls.config(shared)) == [base]
     digests = {base.digest} | {cls.needs(cls.config(p))[0].digest for p in own}
     assert len(digests) == 1 + len(own)
+
+
+def test_an_artifact_saved_twice_is_the_same_bytes(tmp_path, monkeypatch):
+    """Regression: torch.save named the archive after the temporary file, which carries the process id, so two
+    jobs saving the same preparation or cache wrote different bytes, and a transfer's fingerprint (the hashes of its
+    artifacts) changed with nothing changed."""
+    import os
+
+    import torch
+
+    from semalign.suite.io import atomic_torch_save, sha256
+
+    obj = {"factors": {"lm_head": (torch.arange(6.0).reshape(2, 3), torch.ones(3, 2))}, "selected": [0, 2]}
+    for pid in (4242, 4343):  # two jobs, as their temporaries name them
+        monkeypatch.setattr(os, "getpid", lambda: pid)
+        atomic_torch_save(obj, tmp_path / str(pid) / "prepare.pt")
+    assert sha256(tmp_path / "4242" / "prepare.pt") == sha256(tmp_path / "4343" / "prepare.pt")
+    assert torch.equal(torch.load(tmp_path / "4343" / "prepare.pt")["factors"]["lm_head"][0], obj["factors"]["lm_head"][0])

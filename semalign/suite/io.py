@@ -119,7 +119,10 @@ def move_aside(path: str | Path) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a file object: given a path, torch names the archive's inner folder after it, here the
+    temporary's name with the process id, so the same object saved by two jobs differed in bytes (and in the hash a
+    transfer's checkpoint fingerprint takes of every artifact)."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
