@@ -25,6 +25,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -337,11 +338,13 @@ def load_model(
     return model, tok
 
 
-def model_skeleton(path: Path | str) -> PreTrainedModel:
-    """A prepared model's modules and shapes on the meta device, without its weights: for code that reads only
-    shapes (Seeking pairs teacher and student matrices by shape), so a 7B student costs no 28 GB of host memory."""
+def model_skeleton(source: Path | str | PretrainedConfig) -> PreTrainedModel:
+    """A model's modules and shapes on the meta device, without its weights (from a prepared dir or a config): for
+    code that reads only shapes (the memory plan; Seeking pairs teacher and student matrices by shape), so a 7B
+    student costs no 28 GB of host memory."""
+    config = source if isinstance(source, PretrainedConfig) else AutoConfig.from_pretrained(source)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        return AutoModelForCausalLM.from_config(config)
 
 
 def check_same_vocab(a: Path | str, b: Path | str) -> None:

@@ -22,8 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from semalign.suite.cache import FINAL_DTYPE, LAYER_DTYPE
 from semalign.suite.evaluation import gen_cap
 
@@ -104,13 +102,12 @@ def model_config(spec: dict, prepared_dir: Path | None = None) -> tuple[Any, int
 
 @lru_cache(maxsize=64)
 def _shape(config_json: str, dtype_bytes: int) -> ModelShape:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from semalign.suite.models import decoder_layers, embed_tokens
+    from semalign.suite.models import decoder_layers, embed_tokens, model_skeleton
 
     config = AutoConfig.for_model(**json.loads(config_json))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = model_skeleton(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return ModelShape(
