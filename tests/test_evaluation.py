@@ -190,6 +190,55 @@ def test_generation_batches_wider_than_scoring(tiny_model_dir, test_files, monke
 
 @needs_data
 @pytest.mark.parametrize("task", ["mmlu", "gsm8k"])
+def test_the_suite_lm_scores_as_lm_evals_own_hflm(task, tiny_model_dir, test_files, monkeypatch):
+    """hf_model's savings leave every number as lm-eval's plain HFLM gives it: the same greedy generations (a
+    static cache instead of a growing one) and the same per-item log-likelihoods (the head read out from each
+    batch's earliest continuation position only), batches of rows of different lengths included. And the savings
+    happen: a batch's logits stop short of its input length, generation asks for the static cache uncompiled.
+    Fails with the readout window one position off (NLL), or with the savings gone (the shape and kwarg checks)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from semalign.suite.evaluation import hf_model
+
+    suite = hf_model(tiny_model_dir, batch_size=2, gen_batch_size=2, device="cpu")
+    plain = HFLM(pretrained=str(tiny_model_dir), device="cpu", batch_size=2, dtype="auto", softmax_dtype="float32")
+    lengths, gen_kwargs = [], []
+    forward, generate = suite._model_call, suite.model.generate
+    monkeypatch.setattr(suite, "_model_call", lambda inps, **kw: (out := forward(inps, **kw),
+                        lengths.append((inps.shape[1], out.shape[1])))[0])
+    monkeypatch.setattr(suite.model, "generate", lambda **kw: gen_kwargs.append(kw) or generate(**kw))
+    runs = [evaluate_model(tiny_model_dir, task, test_files[task], allow_code_execution=False, max_gen_toks=6,
+                           model=lm) for lm in (suite, plain)]
+    (ours, theirs) = ([(i["id"], i["score"]) for i in r["items"]] for r in runs)
+    assert ours == theirs and len(ours) == N_TEST
+    assert [i["nll"] for i in runs[0]["items"]] == pytest.approx([i["nll"] for i in runs[1]["items"]], rel=1e-5)
+    assert lengths and all(kept < full for full, kept in lengths)
+    if task == "gsm8k":
+        assert gen_kwargs and all(kw["cache_implementation"] == "static" and kw["disable_compile"] for kw in gen_kwargs)
+
+
+@needs_data
+def test_a_continuation_before_the_read_out_logits_is_refused(tiny_model_dir):
+    """lm-eval slices a row's continuation as logits[inplen - contlen : inplen]; with the head read out from a
+    later position a negative start would wrap around silently and score the wrong tokens."""
+    from semalign.suite.evaluation import hf_model
+
+    model = hf_model(tiny_model_dir, batch_size=2, gen_batch_size=None, device="cpu")
+    logits = torch.arange(5.0)[:, None]
+    assert model._select_cont_toks(logits, contlen=2, inplen=5).flatten().tolist() == [3.0, 4.0]
+    with pytest.raises(RuntimeError, match="starts 1 positions before"):
+        model._select_cont_toks(logits, contlen=3, inplen=2)
+
+
+def test_a_padded_row_is_keyed_as_its_unpadded_request():
+    from semalign.suite.evaluation import _unpadded
+
+    assert _unpadded([5, 0, 3, 0, 0]) == (5, 0, 3) == _unpadded([5, 0, 3])
+    assert _unpadded([0, 0]) == () and _unpadded([7]) == (7,)
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["mmlu", "gsm8k"])
 def test_a_bf16_model_scores_as_its_fp32_twin(task, tiny_pair, tiny_pair_bf16, test_files):
     """The paper's dtype through lm-eval: a bf16 student (the fp32 student's weights rounded) loads and runs in
     bf16, and its per-item answer NLL (reduced in fp32) is finite and within 5e-4 relative of the fp32 twin's.

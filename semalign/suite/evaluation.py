@@ -56,14 +56,37 @@ def _has_chat_template(lm: Any) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
+def _unpadded(tokens: list[int]) -> tuple[int, ...]:
+    """A log-likelihood input row as its own key: lm-eval right-pads a batch with token id 0, so the row without
+    its trailing zeros (the same strip on both sides makes a row ending in a real token 0 match too)."""
+    n = len(tokens)
+    while n and tokens[n - 1] == 0:
+        n -= 1
+    return tuple(tokens[:n])
+
+
 def hf_model(model_dir: Path, *, batch_size: int, gen_batch_size: int | None, device: str | None) -> Any:
-    """lm-eval's HFLM on ``model_dir``, generating ``gen_batch_size`` rows at a time and scoring log-likelihoods
-    ``batch_size`` at a time: a generation step keeps one position's logits per row, a log-likelihood batch every
-    position's ([rows, T, vocab]), so on a small model generation runs best several times wider (on mini, GSM8K's
-    40 items in one batch of 40 instead of three of 16 took about half the generation time)."""
+    """lm-eval's HFLM on ``model_dir`` that does less work for the same scores (checked item by item on mini's
+    models: README "Expected cost"):
+
+    - generation runs ``gen_batch_size`` rows at a time and log-likelihoods ``batch_size``: a generation step keeps
+      one position's logits per row, a log-likelihood batch every position's, so on a small model generation runs
+      best several times wider (on mini, GSM8K's 40 items in one batch of 40 instead of three of 16 took about half
+      the generation time);
+    - generation writes its keys and values into a preallocated (static) cache instead of one that grows by
+      ``torch.cat`` every step, which copies the whole cache per step; never compiled, so a GPU run does not
+      compile a graph per batch shape;
+    - a log-likelihood batch reads the LM head out only from the batch's earliest scored position on: lm-eval asks
+      for every position's logits ([rows, T, vocab], then a log-softmax over all of it) and keeps each row's
+      continuation. Each row's continuation start is known per request, so it is recorded in
+      ``_loglikelihood_tokens`` and looked up per row in ``_model_call``; lm-eval's own window arithmetic
+      (designed for prefix tokens) then slices the shorter logits, and ``_select_cont_toks`` refuses a window that
+      would start before them.
+    """
+    import torch
     from lm_eval.models.huggingface import HFLM
 
-    class WideGenerationHFLM(HFLM):
+    class SuiteHFLM(HFLM):
         def generate_until(self, requests, disable_tqdm: bool = False):
             scoring = self.batch_size_per_gpu
             self.batch_size_per_gpu = gen_batch_size or scoring
@@ -72,9 +95,38 @@ def hf_model(model_dir: Path, *, batch_size: int, gen_batch_size: int | None, de
             finally:
                 self.batch_size_per_gpu = scoring
 
+        def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+            return super()._model_generate(context, max_length, stop, cache_implementation="static",
+                                           disable_compile=True, **generation_kwargs)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            self._scored_from: dict[tuple[int, ...], int] = {}
+            for _, context, continuation in requests:
+                inp = (context + continuation)[-(self.max_length + 1):][:-1]  # lm-eval's causal input row
+                key, start = _unpadded(inp), len(inp) - len(continuation)
+                self._scored_from[key] = min(start, self._scored_from.get(key, start))
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            finally:
+                del self._scored_from
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None or not hasattr(self, "_scored_from"):
+                return super()._model_call(inps, attn_mask, labels)  # seq2seq, or batch-size detection
+            first = min(self._scored_from[_unpadded(row)] for row in inps.tolist())
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(inps, logits_to_keep=inps.shape[1] - first).logits
+
+        def _select_cont_toks(self, logits, contlen: int | None = None, inplen: int | None = None):
+            if self.backend == "causal" and inplen - contlen < 0:
+                raise RuntimeError(f"log-likelihood: the continuation starts {contlen - inplen} positions before "
+                                   "the logits read out for its batch")
+            return super()._select_cont_toks(logits, contlen, inplen)
+
     # the checkpoint's dtype for the model; the gold-answer log-softmax (the NLL column) in fp32 whatever it is
-    return WideGenerationHFLM(pretrained=str(model_dir), device=device or "cpu", batch_size=batch_size, dtype="auto",
-                              softmax_dtype="float32")
+    return SuiteHFLM(pretrained=str(model_dir), device=device or "cpu", batch_size=batch_size, dtype="auto",
+                     softmax_dtype="float32")
 
 
 def evaluate_model(model_dir: Path, task: str, test_file: Path, *, allow_code_execution: bool, batch_size: int = 8,
