@@ -13,8 +13,8 @@ from semalign.frontier import teacher_layers_for
 from semalign.pairing import pair_layers
 from semalign.suite.cache import build_teacher_cache
 from semalign.suite.chat import tokenize_records
-from semalign.suite.io import write_jsonl
-from semalign.suite.models import decoder_layers, load_manifest, load_model
+from semalign.suite.io import load_manifest, write_jsonl
+from semalign.suite.models import decoder_layers, load_model
 from semalign.suite.objectives import sft_loss
 from semalign.suite.registry import TransferContext, get_method
 

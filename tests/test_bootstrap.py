@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from semalign.suite.bootstrap import bootstrap_student, build_corpus, gsm8k_test_questions, lr_factor
-from semalign.suite.models import load_manifest, load_model, load_tokenizer
+from semalign.suite.io import load_manifest
+from semalign.suite.models import load_model, load_tokenizer
 from semalign.suite.sources import data_dir
 
 # First GSM8K test question: must never reach the student.

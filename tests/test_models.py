@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from semalign.suite import models
+from semalign.suite.io import ModelNotFoundError, load_manifest
 from semalign.suite.models import (
-    ModelNotFoundError,
     VocabularyMismatchError,
     check_same_vocab,
     check_spec,
@@ -20,7 +20,6 @@ from semalign.suite.models import (
     embed_tokens,
     final_norm,
     lm_head,
-    load_manifest,
     load_model,
     model_device,
     prepare_model,

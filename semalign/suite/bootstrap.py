@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from semalign.suite.models import DTYPES, load_manifest, load_model, save_prepared
+from semalign.suite.io import load_manifest
+from semalign.suite.models import DTYPES, load_model, save_prepared
 from semalign.suite.sources import load_gsm8k_train, load_test_set
 
 CHAT_FRACTION = 0.5  # share of GSM8K items rendered with the chat template (rest as plain "Question/Answer")

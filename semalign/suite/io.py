@@ -14,6 +14,19 @@ from pathlib import Path
 from typing import Any
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A spec names a model that cannot be found; the message says which spec and what to set."""
+
+
+def load_manifest(path: Path | str) -> dict:
+    """A prepared model dir's manifest (architecture, dtype, tokenizer hash): read here, without torch, so a job
+    that only needs a model's shape (the pairing) need not import it."""
+    p = Path(path) / "manifest.json"
+    if not p.is_file():
+        raise ModelNotFoundError(f"{p} not found; {path} is not a prepared model dir (run the prepare_model rule)")
+    return json.loads(p.read_text())
+
+
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
     """Non-empty lines of a jsonl file as dicts; a malformed line, or one lacking a ``required`` field, is an error
     naming the file, the line and the field (not a KeyError deep in whatever reads the record)."""

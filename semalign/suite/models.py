@@ -30,14 +30,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from semalign.suite.io import ModelNotFoundError, load_manifest
+
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPEC_KEYS = {"source", "gguf_file", "random", "tokenizer", "dtype", "revision", "vocab_size"}
 # A hub id is "name" or "owner/name"; anything else that does not exist locally is a missing local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A spec names a model that cannot be found; the message says which spec and what to set."""
 
 
 class VocabularyMismatchError(ValueError):
@@ -300,13 +298,6 @@ def prepare_model(spec: dict, out_dir: Path, seed: int = 0) -> dict:
         manifest = build_manifest(model, tok, spec, None)
     save_prepared(model, tok, manifest, Path(out_dir))
     return manifest
-
-
-def load_manifest(path: Path | str) -> dict:
-    p = Path(path) / "manifest.json"
-    if not p.is_file():
-        raise ModelNotFoundError(f"{p} not found; {path} is not a prepared model dir (run the prepare_model rule)")
-    return json.loads(p.read_text())
 
 
 def default_device() -> str:

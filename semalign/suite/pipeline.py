@@ -104,7 +104,7 @@ def run_preparation(method: str, ctx: TransferContext, out: Path) -> dict[str, A
 def run_transfer(method: str, ctx: TransferContext, out_json: Path, label: str | None = None) -> dict[str, Any]:
     """Run one method and record what it cost; ``transfer.json`` is written last, so it marks completion.
     ``label``: the row name in tables (an ablation variant ``method@key=value``), default ``method``."""
-    from semalign.suite.models import load_manifest
+    from semalign.suite.io import load_manifest
 
     impl = get_method(method)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)

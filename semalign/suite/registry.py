@@ -225,8 +225,8 @@ class Method:
     def save(self, ctx: TransferContext, model: Any, tokenizer: Any, stats: dict[str, Any]) -> Path:
         """The common end of a training method: its stats for the cost table, the model as a prepared dir
         (LoRA merged) whose manifest says where it came from."""
-        from semalign.suite.io import atomic_write_text
-        from semalign.suite.models import load_manifest, save_model
+        from semalign.suite.io import atomic_write_text, load_manifest
+        from semalign.suite.models import save_model
 
         atomic_write_text(ctx.out_dir / "train_stats.json", json.dumps(stats, indent=2))
         manifest = {**load_manifest(ctx.student), "derived_from": str(ctx.student), "method": self.name}

@@ -5,12 +5,12 @@ import pandas as pd
 
 from semalign.pairing import pair_layers
 from semalign.suite.ids import PairingName
-from semalign.suite.io import atomic_write_text
+from semalign.suite.io import atomic_write_text, load_manifest
 from semalign.suite.jobs import start_job
 
 start_job(snakemake)
 inp, wc = snakemake.input, snakemake.wildcards
-L_T, L_S = (json.loads(Path(f).read_text())["num_layers"] for f in (inp.teacher, inp.student))  # prepared manifests
+L_T, L_S = (load_manifest(Path(f).parent)["num_layers"] for f in (inp.teacher, inp.student))
 name = PairingName.parse(wc.name)
 scores = pd.read_csv(inp.scores).sort_values("layer")["score"].tolist() if "scores" in inp.keys() else None
 cka = None
