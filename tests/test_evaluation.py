@@ -228,6 +228,10 @@ def test_a_continuation_before_the_read_out_logits_is_refused(tiny_model_dir):
     assert model._select_cont_toks(logits, contlen=2, inplen=5).flatten().tolist() == [3.0, 4.0]
     with pytest.raises(RuntimeError, match="starts 1 positions before"):
         model._select_cont_toks(logits, contlen=3, inplen=2)
+    # rows of no recorded request (lm-eval's batch-size probe) get every position's logits, not a KeyError
+    model._scored_from = {(5, 6, 7): 2}
+    assert model._model_call(torch.tensor([[5, 6, 7, 0]])).shape[1] == 2
+    assert model._model_call(torch.ones(2, 4, dtype=torch.long)).shape[1] == 4
 
 
 def test_a_padded_row_is_keyed_as_its_unpadded_request():

@@ -111,9 +111,10 @@ def hf_model(model_dir: Path, *, batch_size: int, gen_batch_size: int | None, de
                 del self._scored_from
 
         def _model_call(self, inps, attn_mask=None, labels=None):
-            if attn_mask is not None or labels is not None or not hasattr(self, "_scored_from"):
-                return super()._model_call(inps, attn_mask, labels)  # seq2seq, or batch-size detection
-            first = min(self._scored_from[_unpadded(row)] for row in inps.tolist())
+            starts = [getattr(self, "_scored_from", {}).get(_unpadded(row)) for row in inps.tolist()]
+            if attn_mask is not None or labels is not None or None in starts:
+                return super()._model_call(inps, attn_mask, labels)  # seq2seq, or rows of no request (batch sizing)
+            first = min(starts)
             with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                                  enabled=self.mixed_precision_dtype is not None):
                 return self.model(inps, logits_to_keep=inps.shape[1] - first).logits
