@@ -202,15 +202,23 @@ def test_the_suite_lm_scores_as_lm_evals_own_hflm(task, tiny_model_dir, test_fil
 
     suite = hf_model(tiny_model_dir, batch_size=2, gen_batch_size=2, device="cpu")
     plain = HFLM(pretrained=str(tiny_model_dir), device="cpu", batch_size=2, dtype="auto", softmax_dtype="float32")
-    lengths, gen_kwargs = [], []
-    forward, generate = suite._model_call, suite.model.generate
+    lengths, gen_kwargs, generated = [], [], {id(suite): [], id(plain): []}
+    forward = suite._model_call
     monkeypatch.setattr(suite, "_model_call", lambda inps, **kw: (out := forward(inps, **kw),
                         lengths.append((inps.shape[1], out.shape[1])))[0])
-    monkeypatch.setattr(suite.model, "generate", lambda **kw: gen_kwargs.append(kw) or generate(**kw))
+    for lm in (suite, plain):
+        def record(generate=lm.model.generate, tokens=generated[id(lm)], ours=lm is suite, **kw):
+            if ours:
+                gen_kwargs.append(kw)
+            out = generate(**kw)
+            tokens.append(out.tolist())
+            return out
+        monkeypatch.setattr(lm.model, "generate", record)
     runs = [evaluate_model(tiny_model_dir, task, test_files[task], allow_code_execution=False, max_gen_toks=6,
                            model=lm) for lm in (suite, plain)]
     (ours, theirs) = ([(i["id"], i["score"]) for i in r["items"]] for r in runs)
     assert ours == theirs and len(ours) == N_TEST
+    assert generated[id(suite)] == generated[id(plain)]  # the tokens themselves: random scores sit at the floor
     assert [i["nll"] for i in runs[0]["items"]] == pytest.approx([i["nll"] for i in runs[1]["items"]], rel=1e-5)
     assert lengths and all(kept < full for full, kept in lengths)
     if task == "gsm8k":

@@ -59,4 +59,5 @@ def test_an_artifact_saved_twice_is_the_same_bytes(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "getpid", lambda: pid)
         atomic_torch_save(obj, tmp_path / str(pid) / "prepare.pt")
     assert sha256(tmp_path / "4242" / "prepare.pt") == sha256(tmp_path / "4343" / "prepare.pt")
-    assert torch.equal(torch.load(tmp_path / "4343" / "prepare.pt")["factors"]["lm_head"][0], obj["factors"]["lm_head"][0])
+    loaded = torch.load(tmp_path / "4343" / "prepare.pt")
+    assert torch.equal(loaded["factors"]["lm_head"][0], obj["factors"]["lm_head"][0])

@@ -67,7 +67,7 @@ def _unpadded(tokens: list[int]) -> tuple[int, ...]:
 
 def hf_model(model_dir: Path, *, batch_size: int, gen_batch_size: int | None, device: str | None) -> Any:
     """lm-eval's HFLM on ``model_dir`` that does less work for the same scores (checked item by item on mini's
-    models: README "Expected cost"):
+    models: README "Quick start"):
 
     - generation runs ``gen_batch_size`` rows at a time and log-likelihoods ``batch_size``: a generation step keeps
       one position's logits per row, a log-likelihood batch every position's, so on a small model generation runs

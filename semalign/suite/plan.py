@@ -427,8 +427,8 @@ def prepare_job(s: Setting, job: str, method: str, cfg: Any, t: ModelShape, st: 
 def evaluate_job(s: Setting, job: str, m: ModelShape, n_test: int, task: str, n_models: int = 1) -> JobPlan:
     """lm-eval with the model on the device: a batch of prompts plus generations in the KV cache (MMLU scores
     log-likelihoods, no generation) and the batch's logits (bounded by every position's: the head is read out from
-    the batch's earliest scored position on, :func:`semalign.suite.evaluation.hf_model`). Generation is one step after another: each costs at
-    least ``plan.decode_step_ms`` (HF generate's per-token overhead), whatever the FLOPs. A job scoring
+    the batch's earliest scored position on, :func:`semalign.suite.evaluation.hf_model`). Generation is one step
+    after another: each costs at least ``plan.decode_step_ms`` (HF generate's per-token overhead), whatever the FLOPs. A job scoring
     ``n_models`` models (a method's seeds) holds one at a time and takes ``n_models`` times as long."""
     gen = 0 if task == "mmlu" else gen_cap(s.max_gen_toks, task)
     tokens = s.eval_batch * (s.max_len + gen)
