@@ -496,6 +496,20 @@ def test_committed_mini_results_match_what_the_workflow_writes(smoke):
     assert {"torch", "transformers", "lm_eval", "peft"} <= {k.replace("-", "_") for k in manifest["versions"]}
 
 
+
+@pytest.mark.xdist_group("smoke")
+def test_a_value_added_to_the_ablation_grid_after_a_run_is_run(smoke):
+    """Regression: the final target named the main table but not the ablation tables, and Snakemake reruns a job for
+    a missing output only when a target requests it: a value added to the grid after a run planned nothing at all."""
+    assert smoke.res.returncode == 0, "the smoke run failed (see test_smoke_dag_end_to_end)"
+    axes = smoke.cfg["ablations"]["methods"]["semalign"]
+    cfg = {**smoke.cfg, "ablations": {**smoke.cfg["ablations"], "methods": {"semalign": {**axes, "loss": ["v1"]}}}}
+    res = snakemake(smoke.work, cfg, "-n", env=smoke.env, repo=smoke.repo)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "Transfer semalign@loss=v1: tiny / gsm8k / seed 0" in out, out[-3000:]
+    assert "results/smoke/tables/ablation_semalign__loss.md" in out and "Transfer kd" not in out
+
 def test_dtype_overrides_every_model_spec(tmp_path):
     """The top-level `dtype` reaches prepare_model's spec (every later rule loads the prepared weights as stored),
     and changing it re-prepares the model (a params change) instead of keeping the stale dtype. (Without the key

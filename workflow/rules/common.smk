@@ -264,6 +264,10 @@ def ablation_tables() -> list[str]:
     return [f"{R}/tables/{axis['stem']}.md" for axis in ablation_axes()]
 
 
+def ablation_figures() -> list[str]:
+    return [f"{R}/figures/{axis['stem']}.png" for axis in ablation_axes()]
+
+
 def run_facts_inputs() -> dict:
     """Per (pair, task), what the cost table divides by: train split, model manifests and, when a trained method
     reads it, the teacher cache (whose meta says how many teacher forwards it cost)."""
@@ -333,12 +337,15 @@ def loss_curve_figures() -> list[str]:
 
 
 def result_files() -> list[str]:
+    """Every table and figure, each named: Snakemake reruns a job for its missing outputs only when they are
+    requested, so a table left out here (a new ablation axis) would silently never be written."""
     return [
-        f"{R}/tables/main.md",
-        f"{R}/tables/models.md",
-        f"{R}/tables/contamination.md",
+        *(f"{R}/tables/{name}.md" for name in ("main", "models", "cost", "hparams", "significance", "contamination")),
+        *ablation_tables(),
         *finetuned_tables(),
         f"{R}/figures/main.png",
+        f"{R}/figures/cost_gain.png",
+        *ablation_figures(),
         *loss_curve_figures(),
         *analysis_outputs(),
     ]

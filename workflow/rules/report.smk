@@ -54,10 +54,7 @@ rule figures:
     output:
         main=report(f"{R}/figures/main.png", caption="../report/main_figure.rst", category="Figures"),
         cost_gain=report(f"{R}/figures/cost_gain.png", caption="../report/cost_gain.rst", category="Figures"),
-        ablations=[
-            report(f"{R}/figures/{axis['stem']}.png", caption="../report/ablation.rst", category="Ablations")
-            for axis in ablation_axes()
-        ],
+        ablations=[report(path, caption="../report/ablation.rst", category="Ablations") for path in ablation_figures()],
         pdf=[f"{R}/figures/{name}.pdf" for name in ["main", "cost_gain", *(a["stem"] for a in ablation_axes())]],
     params:
         methods=METHODS,
