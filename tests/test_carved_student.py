@@ -54,5 +54,7 @@ def test_the_carved_profile_is_one_the_suite_accepts(tiny_pair):
     suite_config.load(merged)
     assert merged["pairs"] == {"smollm2-135m_to_carved": {"teacher": "smollm2-135m", "student": "carved-student"}}
     assert merged["models"]["carved-student"]["source"] == str(tiny_pair[1].resolve())
+    assert merged["method_params"]["semalign"]["budget"] == "epochs_per_stage"  # the budget where mini's student breaks
     variants = [str(v) for v in suite_config.ablation_variants(merged)]
-    assert variants == ["semalign@budget=epochs_per_stage"], variants
+    assert variants == ["semalign@budget=kd_steps", "semalign@kl_every_stage=true", "semalign@loss=v1",
+                        "semalign@loss=kl_only", "kd@epochs=20"], variants
