@@ -73,6 +73,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True, help="writes <out>/student/ and <out>/config.yaml")
     parser.add_argument("--stride", type=int, default=3, help="keep layers 0, stride, 2*stride, ... (30 -> 10: 3)")
     args = parser.parse_args()
+    if (args.out / "student").exists():
+        parser.error(f"{args.out / 'student'} exists: remove it or choose another --out (never overwritten)")
     from semalign.suite.models import decoder_layers, load_model
 
     model, tokenizer = load_model(args.teacher_dir, dtype=torch.float32)

@@ -496,7 +496,6 @@ def test_committed_mini_results_match_what_the_workflow_writes(smoke):
     assert {"torch", "transformers", "lm_eval", "peft"} <= {k.replace("-", "_") for k in manifest["versions"]}
 
 
-
 @pytest.mark.xdist_group("smoke")
 def test_a_value_added_to_the_ablation_grid_after_a_run_is_run(smoke):
     """Regression: the final target named the main table but not the ablation tables, and Snakemake reruns a job for
@@ -509,6 +508,27 @@ def test_a_value_added_to_the_ablation_grid_after_a_run_is_run(smoke):
     assert res.returncode == 0, out[-3000:]
     assert "Transfer semalign@loss=v1: tiny / gsm8k / seed 0" in out, out[-3000:]
     assert "results/smoke/tables/ablation_semalign__loss.md" in out and "Transfer kd" not in out
+
+
+def test_replacing_a_local_model_dir_prepares_it_again(tmp_path):
+    """Regression: a model whose source is a local dir (a user's checkpoint, benchmarks/carved_student.py's student)
+    was prepared once and then reused after the dir's weights were replaced: its files are now the job's inputs."""
+    from semalign.suite.models import prepare_model
+
+    cfg = profile("smoke")
+    source = tmp_path / "my-student"
+    prepare_model(cfg["models"]["tiny-student"], source, seed=5)  # a plain HF dir, as a user's checkpoint is
+    cfg["models"]["tiny-student"] = {"source": str(source)}
+    target = ("--", "results/smoke/models/tiny-student/prepared/manifest.json")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert snakemake(work, cfg, "--cores", "1", *target).returncode == 0
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # replaced (same bytes: only the file's time tells)
+    again = snakemake(work, cfg, "-n", *target)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Preparing model tiny-student" in again.stdout and str(weights) in again.stdout, again.stdout[-3000:]
+
 
 def test_dtype_overrides_every_model_spec(tmp_path):
     """The top-level `dtype` reaches prepare_model's spec (every later rule loads the prepared weights as stored),

@@ -127,6 +127,19 @@ def model_spec(name: str) -> dict:
     return spec
 
 
+def local_model_files(name: str) -> list[str]:
+    """The files of a model (and tokenizer) whose source is a local path (a user's own checkpoint, the carved student
+    of benchmarks/carved_student.py): inputs of its preparation, so replacing them prepares it again instead of
+    reusing the stale copy. Hub ids and pkg: sources are names, not files: their spec (revision) is the param."""
+    spec = config["models"][name]
+    files = []
+    for source in (spec.get("source"), spec.get("tokenizer", {}).get("source")):
+        path = Path(source).expanduser() if source and not source.startswith("pkg:") else None
+        if path is not None and path.exists():
+            files += [str(p) for p in ([path] if path.is_file() else sorted(path.rglob("*"))) if p.is_file()]
+    return files
+
+
 def model_manifest(name: str) -> str:
     """Manifest of the usable model (its dir is the parent): bootstrapped if the spec asks for it, else as prepared."""
     stage = "bootstrapped" if "bootstrap" in config["models"][name] else "prepared"

@@ -2,6 +2,8 @@
 
 
 rule prepare_model:
+    input:
+        lambda wc: local_model_files(wc.model),
     output:
         f"{R}/models/{{model}}/prepared/manifest.json",
     params:
