@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from warm_snakemake import warm_snakemake
 
 from semalign.suite import config as configuration
 from semalign.suite.labels import TASK_LABELS
@@ -23,15 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def snakemake(workdir: Path, config: dict | None, *args: str, env: dict | None = None,
               repo: Path = REPO) -> subprocess.CompletedProcess:
-    """Run Snakemake on `repo`'s Snakefile in `workdir`; `config` (if any) is passed as the --configfile."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"), "--directory", str(workdir)]
+    """`python -m snakemake` on `repo`'s Snakefile in `workdir`; `config` (if any) is passed as the --configfile.
+    In a warm interpreter (tests/warm_snakemake.py: the same argv, environment, working directory and output, without
+    the ~5 s of imports each call)."""
+    argv = ["--snakefile", str(repo / "Snakefile"), "--directory", str(workdir)]
     if config is not None:
         cfg = workdir / "config.yaml"
         cfg.write_text(yaml.safe_dump(config))
-        cmd += ["--configfile", str(cfg)]
-    # cwd: `python -m` puts the working directory first on sys.path, before PYTHONPATH (a copy's packages)
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=1800, cwd=workdir)
+        argv += ["--configfile", str(cfg)]
+    return warm_snakemake([*argv, *args], env={**os.environ, **(env or {})}, cwd=workdir, timeout=1800)
 
 
 def profile(name: str, repo: Path = REPO) -> dict:
@@ -336,9 +337,7 @@ def test_start_job_logs_to_the_rule_log_on_the_granted_threads(tmp_path, monkeyp
 
 def test_default_profile_loads_under_config_overrides(tmp_path):
     """Regression: any --config key=value stopped the default profile (mini) from loading."""
-    res = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-                          str(tmp_path), "-n", "--quiet", "rules", "--config", "threads=1"],
-                         capture_output=True, text=True, timeout=600)
+    res = snakemake(tmp_path, None, "-n", "--quiet", "rules", "--config", "threads=1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "bootstrap_student" in res.stdout  # mini's own rule: the mini profile was loaded
 
