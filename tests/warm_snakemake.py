@@ -5,9 +5,10 @@ memory plan builds model skeletons) before its ~1 s of work, and the workflow te
 interpreter per (pytest worker, PYTHONPATH) serves them one after another. Each call still sees what a fresh
 `python -m snakemake` would: its own argv, environment and working directory, and file descriptors 0-2 of its own
 (stdin empty; stdout and stderr captured at the descriptor level, so the jobs it starts write into them as before).
-What it shares with the calls before it is the imported modules: a test that needs a method registered or a
-module imported fresh must not rely on this runner (none does; a plugin set per call is re-imported by the
-registry on each call).
+What it shares with the calls before it is the imported modules, and what they hold: the methods registered (a
+`plugins:` module imported by one call stays registered for the next) and the memory plan's cached model shapes.
+A test that needs either fresh must not use this runner (none does: no workflow test sets `plugins:`, and a copy
+of the repository, as the smoke run's, gets an interpreter of its own).
 
 Run as a script, it serves: one JSON request per line on stdin, one JSON reply per line on the stdout it started
 with.
