@@ -55,7 +55,8 @@ rule figures:
         main=report(f"{R}/figures/main.png", caption="../report/main_figure.rst", category="Figures"),
         cost_gain=report(f"{R}/figures/cost_gain.png", caption="../report/cost_gain.rst", category="Figures"),
         ablations=[report(path, caption="../report/ablation.rst", category="Ablations") for path in ablation_figures()],
-        pdf=[f"{R}/figures/{name}.pdf" for name in ["main", "cost_gain", *(a["stem"] for a in ablation_axes())]],
+        pdf=[f"{R}/figures/{name}.pdf" for name in ["main", "cost_gain"]]
+        + [png.removesuffix(".png") + ".pdf" for png in ablation_figures()],
     params:
         methods=METHODS,
         tasks=TASKS,
