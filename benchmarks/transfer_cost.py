@@ -25,10 +25,13 @@ BASE_KEYS = ("teacher", "student", "splits")
 def child(spec_file: Path) -> None:
     """Run one method, as the transfer rule would, and write its cost record with its time per component."""
     from semalign.suite import timing
+    from semalign.suite.jobs import keep_freed_memory
     from semalign.suite.pipeline import run_transfer
     from semalign.suite.registry import TransferContext
 
     spec = json.loads(spec_file.read_text())
+    if spec["device"] == "cpu":  # as start_job does in a transfer job
+        keep_freed_memory()
     inputs = {k: Path(v) for k, v in spec["inputs"].items()}
     ctx = TransferContext(
         teacher=inputs["teacher"].parent,
