@@ -317,27 +317,31 @@ def test_a_job_that_loads_no_model_imports_no_torch(tmp_path):
     assert res.stdout == "1"  # torch's default: one thread per core (it caps a larger count at the cores)
 
 
-def test_start_job_logs_to_the_rule_log_on_the_granted_threads(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device, cuda, kept", [("cpu", False, True), ("auto", False, True), ("cpu", True, True),
+                                                ("auto", True, False), ("cuda", True, False)])
+def test_start_job_logs_to_the_rule_log_on_the_granted_threads(tmp_path, monkeypatch, device, cuda, kept):
     """In a job that imported torch first (every model job): torch's pool takes the granted threads at once, and a
-    job on the CPU keeps its freed memory (not in this test's process: the call is recorded instead)."""
+    job computing on the CPU, and only such a job, keeps its freed memory (recorded here instead of done, so this
+    test's process keeps its allocator)."""
     from semalign.suite import jobs
 
     for stream in ("stdout", "stderr"):
         monkeypatch.setattr(sys, stream, getattr(sys, stream))
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    kept = []
-    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: kept.append(True))
+    calls = []
+    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     threads = torch.get_num_threads()
     log = tmp_path / "logs" / "rule" / "job.log"
     try:
-        jobs.start_job(SimpleNamespace(log=[str(log)], threads=1, config={"device": "cpu"}))
+        jobs.start_job(SimpleNamespace(log=[str(log)], threads=1, config={"device": device}))
         print("progress")
         print("a warning", file=sys.stderr)
         assert (torch.get_num_threads(), os.environ["OMP_NUM_THREADS"]) == (1, "1")
     finally:
         torch.set_num_threads(threads)
     assert log.read_text() == "progress\na warning\n"
-    assert kept == [True]
+    assert calls == ([True] if kept else [])
 
 
 FAULTS_AFTER_A_FREE = """
