@@ -87,6 +87,23 @@ def test_oracle_scores_one_and_zero(task, test_files):
 
 
 @needs_data
+def test_an_evaluation_runs_no_environment_report(test_files, monkeypatch):
+    """lm-eval appends torch's environment report (pip list and other subprocesses, ~0.7 s) to every result;
+    the suite's evaluations skip it (the run manifest records the environment once) and restore lm-eval after."""
+    import lm_eval.evaluator
+    import torch.utils.collect_env
+
+    calls = []
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: calls.append(1) or "report")
+    before = lm_eval.evaluator.add_env_info
+    res = evaluate_model("oracle", "gsm8k", test_files["gsm8k"], allow_code_execution=False, model=Oracle(right=True))
+    assert res["score"] == 1.0 and calls == [] and lm_eval.evaluator.add_env_info is before
+    storage = {}
+    before(storage)  # lm-eval's own step reaches the counted report, so the check above can see it run
+    assert calls == [1] and storage["pretty_env_info"] == "report"
+
+
+@needs_data
 def test_prompts_match_transfer_data_format(test_files):
     """Chat prompts put exactly the PKT user turn in front of the assistant prefix the transfer data trains on."""
     oracle = Oracle(right=True)
