@@ -32,7 +32,7 @@ def stage_nll(transfer_dir: Path, student_dir: Path, task: str, test_file: Path,
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from semalign.suite.evaluation import task_configs
+    from semalign.suite.evaluation import no_environment_report, task_configs
     from semalign.suite.models import decoder_layers, load_model
 
     model, tokenizer = load_model(student_dir)
@@ -41,8 +41,9 @@ def stage_nll(transfer_dir: Path, student_dir: Path, task: str, test_file: Path,
     nll_task = task_configs(task, test_file, max_gen_toks=1, chat=chat)[1]
 
     def nll() -> float:
-        out = simple_evaluate(model=lm, tasks=[nll_task], task_manager=TaskManager(include_defaults=False),
-                              apply_chat_template=chat, bootstrap_iters=0)
+        with no_environment_report():
+            out = simple_evaluate(model=lm, tasks=[nll_task], task_manager=TaskManager(include_defaults=False),
+                                  apply_chat_template=chat, bootstrap_iters=0)
         return float(out["results"][nll_task["task"]]["nll,none"])
 
     rows = [{"after_stage": 0, "nll": nll()}]
